@@ -1,0 +1,23 @@
+"""`create_app(settings)`: wires settings, resources, middlewares and routes. No I/O here."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from edge import keys
+from edge.jobs import jobs_ctx
+from edge.metrics import Metrics
+from edge.middlewares import observe
+from edge.resources import embedded_ctx, postgres_ctx, redis_ctx, schema_ctx
+from edge.settings import Settings
+from edge.views import api, ops
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
+    app[keys.SETTINGS] = settings
+    app[keys.METRICS] = Metrics()
+    app.cleanup_ctx.extend([embedded_ctx, schema_ctx, postgres_ctx, redis_ctx, jobs_ctx])
+    app.router.add_routes(ops.routes)
+    app.router.add_routes(api.routes)
+    return app

@@ -1,0 +1,315 @@
+"""The catalog cache: key builders, TTL policy, an in-process L1 in front of Redis (L2),
+single-flight loading, invalidation, and hit/miss counters per cache and level.
+
+Values are response bodies, encoded once (JSON bytes built by PostgreSQL) and served as they are;
+the ETag is computed once per value and kept beside it in L1. When Redis is unreachable the
+catalog is served straight from PostgreSQL; the outage is logged once when it starts and once when
+it ends, and Redis is not asked again for `redis_retry_seconds` so a dead Redis costs no time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from edge.metrics import Metrics
+from edge.settings import Settings
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = structlog.get_logger(__name__)
+
+# TTLs from the platform's guide (seconds).
+TTL_TRACK = 3600
+TTL_ALBUM = 3600
+TTL_PLAYLIST = 3600
+TTL_SEARCH = 600
+TTL_POPULAR = 1800
+TTL_RECOMMENDATIONS = 1800
+TTL_SESSION = 3600
+
+# Hash field of a list's first page (never a cursor); later pages are keyed by their cursor.
+FIRST_PAGE = ""
+
+
+def track_key(track_id: int) -> str:
+    return f"track:{track_id}"
+
+
+def album_key(album_id: int) -> str:
+    return f"album:{album_id}"
+
+
+def playlist_key(playlist_id: int) -> str:
+    return f"playlist:{playlist_id}"
+
+
+def search_key(query: str) -> str:
+    encoded = base64.urlsafe_b64encode(query.encode()).rstrip(b"=").decode()
+    return f"search:{encoded}"
+
+
+def popular_key(limit: int) -> str:
+    return f"popular-tracks:{limit}"
+
+
+def recommendations_key(user_id: int, limit: int) -> str:
+    return f"recommendations:{user_id}:{limit}"
+
+
+def session_key(session_id: str) -> str:
+    return f"streaming:session:{session_id}"
+
+
+# HSET, and give the key a TTL only if it has none: the key lives for the TTL of its first
+# variant, later variants don't extend it. (EXPIRE NX needs Redis 7; this runs on 6.2 too.)
+_HSET_KEEP_TTL = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
+
+
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    body: bytes
+    etag: str
+
+
+Loader = Callable[[], Awaitable[bytes | None]]
+
+
+class Cache:
+    """L1 (this process, hottest keys only, short TTL) + L2 (Redis, the guide's TTLs).
+
+    A key may hold variants in a Redis hash (`field`), e.g. one per page size and cursor of a
+    search, so the key itself stays exactly the guide's and one DEL invalidates all variants.
+    """
+
+    def __init__(self, redis: Redis | None, metrics: Metrics, settings: Settings) -> None:
+        self.redis = redis
+        self.metrics = metrics
+        self.prefix = settings.redis_key_prefix
+        self.l1_ttl = settings.cache_l1_ttl
+        self.l1_size = settings.cache_l1_size
+        self.jitter = settings.cache_ttl_jitter
+        self.retry_seconds = settings.redis_retry_seconds
+        self._l1: OrderedDict[tuple[str, str | None], tuple[float, Entry]] = OrderedDict()
+        self._inflight: dict[tuple[str, str | None], asyncio.Future[Entry | None]] = {}
+        self._down_until = 0.0
+        self._down = False
+        metrics.redis_up.set(1 if redis is not None else 0)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def get(
+        self,
+        cache: str,
+        key: str,
+        ttl: int,
+        loader: Loader,
+        *,
+        field: str | None = None,
+        l1: bool = False,
+    ) -> Entry | None:
+        """The cached entry, or the loader's result (None: not found, not cached)."""
+        slot = (key, field)
+        if l1:
+            hit = self._l1_get(slot)
+            if hit is not None:
+                self.metrics.cache_requests.labels(cache, "l1", "hit").inc()
+                return hit
+            self.metrics.cache_requests.labels(cache, "l1", "miss").inc()
+        pending = self._inflight.get(slot)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fill(cache, key, ttl, loader, field, l1))
+            self._inflight[slot] = pending
+            pending.add_done_callback(functools.partial(self._landed, slot))
+        # shield: a client that goes away must not cancel the load others are waiting for.
+        return await asyncio.shield(pending)
+
+    async def refresh(
+        self,
+        cache: str,
+        key: str,
+        ttl: int,
+        loader: Loader,
+        *,
+        field: str | None = None,
+        l1: bool = False,
+    ) -> Entry | None:
+        """Load now and overwrite the cached value (warming)."""
+        body = await loader()
+        if body is None:
+            return None
+        self.metrics.cache_loads.labels(cache).inc()
+        entry = Entry(body, etag_of(body))
+        await self._l2_set(key, field, body, ttl)
+        if l1:
+            self._l1_put((key, field), entry)
+        return entry
+
+    async def invalidate(self, cache: str, *keys: str) -> None:
+        """Drop keys (all their variants) from L1 here and from Redis. Other processes' L1
+        copies expire within EDGE_CACHE_L1_TTL."""
+        if not keys:
+            return
+        for slot in [s for s in self._l1 if s[0] in keys]:
+            del self._l1[slot]
+        self.metrics.cache_invalidations.labels(cache).inc(len(keys))
+        await self._redis_call(lambda r: r.unlink(*(self.prefix + k for k in keys)))
+
+    async def invalidate_track(self, track_id: int) -> None:
+        await self.invalidate("track", track_key(track_id))
+
+    async def invalidate_album(self, album_id: int) -> None:
+        await self.invalidate("album", album_key(album_id))
+
+    async def invalidate_playlist(self, playlist_id: int) -> None:
+        await self.invalidate("playlist", playlist_key(playlist_id))
+
+    async def invalidate_pattern(self, cache: str, pattern: str) -> int:
+        """Drop every key matching a pattern, e.g. `search:*` after a catalog change (SCAN, never
+        KEYS, so a large Redis is not blocked)."""
+        for slot in [s for s in self._l1 if _glob_prefix_match(s[0], pattern)]:
+            del self._l1[slot]
+
+        async def scan_and_unlink(r: Redis) -> int:
+            removed = 0
+            batch: list[bytes] = []
+            async for k in r.scan_iter(match=self.prefix + pattern, count=1000):
+                batch.append(k)
+                if len(batch) >= 500:
+                    removed += await r.unlink(*batch)
+                    batch.clear()
+            if batch:
+                removed += await r.unlink(*batch)
+            return removed
+
+        removed = await self._redis_call(scan_and_unlink)
+        count = removed if isinstance(removed, int) else 0
+        self.metrics.cache_invalidations.labels(cache).inc(count)
+        return count
+
+    @property
+    def redis_available(self) -> bool:
+        return self.redis is not None and not self._down
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _fill(
+        self, cache: str, key: str, ttl: int, loader: Loader, field: str | None, l1: bool
+    ) -> Entry | None:
+        cached = await self._l2_get(key, field)
+        if cached is not None:
+            self.metrics.cache_requests.labels(cache, "redis", "hit").inc()
+            entry = Entry(cached, etag_of(cached))
+        else:
+            result = "miss" if self.redis_available else "error"
+            self.metrics.cache_requests.labels(cache, "redis", result).inc()
+            body = await loader()
+            self.metrics.cache_loads.labels(cache).inc()
+            if body is None:
+                return None
+            entry = Entry(body, etag_of(body))
+            await self._l2_set(key, field, body, ttl)
+        if l1:
+            self._l1_put((key, field), entry)
+        return entry
+
+    def _landed(self, slot: tuple[str, str | None], future: asyncio.Future[Entry | None]) -> None:
+        self._inflight.pop(slot, None)
+        # Retrieve the exception so a load whose waiters all went away logs no warning.
+        if not future.cancelled():
+            future.exception()
+
+    def _l1_get(self, slot: tuple[str, str | None]) -> Entry | None:
+        found = self._l1.get(slot)
+        if found is None:
+            return None
+        expires, entry = found
+        if expires < time.monotonic():
+            del self._l1[slot]
+            return None
+        return entry
+
+    def _l1_put(self, slot: tuple[str, str | None], entry: Entry) -> None:
+        if self.l1_size <= 0 or self.l1_ttl <= 0:
+            return
+        self._l1[slot] = (time.monotonic() + self.l1_ttl, entry)
+        self._l1.move_to_end(slot)
+        while len(self._l1) > self.l1_size:
+            self._l1.popitem(last=False)
+
+    def _jittered(self, ttl: int) -> int:
+        # Only ever shorter than the guide's TTL, so keys written together expire apart.
+        return max(1, int(ttl * (1.0 - self.jitter * random.random())))
+
+    async def _l2_get(self, key: str, field: str | None) -> bytes | None:
+        full = self.prefix + key
+        if field is None:
+            value = await self._redis_call(lambda r: r.get(full))
+        else:
+            value = await self._redis_call(lambda r: r.hget(full, field))
+        return value if isinstance(value, bytes) else None
+
+    async def _l2_set(self, key: str, field: str | None, body: bytes, ttl: int) -> None:
+        full = self.prefix + key
+        expiry = self._jittered(ttl)
+        if field is None:
+            await self._redis_call(lambda r: r.set(full, body, ex=expiry))
+            return
+
+        await self._redis_call(lambda r: r.eval(_HSET_KEEP_TTL, 1, full, field, body, expiry))
+
+    async def _redis_call(self, op: Callable[[Redis], Awaitable[object]]) -> object:
+        if self.redis is None:
+            return None
+        now = time.monotonic()
+        if self._down and now < self._down_until:
+            return None
+        try:
+            result = await op(self.redis)
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+            self._mark_down(exc)
+            return None
+        except RedisError as exc:
+            # Redis answered, with an error: a bug of ours, not an outage.
+            self.metrics.cache_requests.labels("redis", "redis", "error").inc()
+            log.error("redis_command_failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+        if self._down:
+            self._down = False
+            self.metrics.redis_up.set(1)
+            log.warning("redis_recovered")
+        return result
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + self.retry_seconds
+        if not self._down:
+            self._down = True
+            self.metrics.redis_up.set(0)
+            self.metrics.redis_outages.inc()
+            log.error("redis_unreachable", error=f"{type(exc).__name__}: {exc}")
+
+
+def _glob_prefix_match(key: str, pattern: str) -> bool:
+    return key.startswith(pattern.rstrip("*")) if pattern.endswith("*") else key == pattern

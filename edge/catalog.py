@@ -1,0 +1,322 @@
+"""Catalog queries: SQL as named constants next to the typed functions that run them.
+
+PostgreSQL builds each item's JSON, so a page is assembled by joining bytes, never decoded and
+re-encoded in Python. Lists use keyset pagination (no OFFSET): every ORDER BY ends with the id
+so the order is total, and the opaque cursor carries the sort key of the last item returned.
+asyncpg prepares each statement once per connection and reuses it.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from edge.metrics import Metrics
+
+MAX_BIGINT = 2**63 - 1
+
+# The JSON of a track in lists; `t`, `ar`, `al` are tracks, artists, albums.
+TRACK_FIELDS = """
+    'id', t.id, 'title', t.title,
+    'artist', json_build_object('id', ar.id, 'name', ar.name),
+    'album', CASE WHEN al.id IS NULL THEN NULL
+                  ELSE json_build_object('id', al.id, 'title', al.title) END,
+    'genre', t.genre, 'track_number', t.track_number, 'duration_ms', t.duration_ms,
+    'play_count', t.play_count, 'created_at', t.created_at
+"""
+TRACK_JOINS = """
+    JOIN artists ar ON ar.id = t.artist_id
+    LEFT JOIN albums al ON al.id = t.album_id
+"""
+
+POPULAR_SQL = f"""
+SELECT p.rank, json_build_object({TRACK_FIELDS})::text AS doc
+FROM popular_tracks_mv p
+JOIN tracks t ON t.id = p.track_id
+{TRACK_JOINS}
+WHERE p.rank > $1
+ORDER BY p.rank
+LIMIT $2
+"""
+
+RECENT_SQL = f"""
+SELECT t.created_at, t.id, json_build_object({TRACK_FIELDS})::text AS doc
+FROM tracks t
+{TRACK_JOINS}
+WHERE (t.created_at, t.id) < ($1::timestamptz, $2::bigint)
+ORDER BY t.created_at DESC, t.id DESC
+LIMIT $3
+"""
+
+TRACK_SQL = f"""
+SELECT json_build_object({TRACK_FIELDS},
+    'renditions', coalesce((
+        SELECT json_agg(json_build_object(
+                   'format', r.format, 'codec', r.codec, 'bitrate_kbps', r.bitrate_kbps,
+                   'sample_rate', r.sample_rate, 'channels', r.channels, 'bytes', r.bytes,
+                   'content_type', r.content_type)
+               ORDER BY r.format, r.bitrate_kbps)
+        FROM renditions r WHERE r.track_id = t.id), '[]'::json)
+)::text
+FROM tracks t
+{TRACK_JOINS}
+WHERE t.id = $1
+"""
+
+ARTIST_SQL = """
+SELECT json_build_object(
+    'id', a.id, 'name', a.name,
+    'track_count', (SELECT count(*) FROM tracks t WHERE t.artist_id = a.id),
+    'albums', coalesce((
+        SELECT json_agg(json_build_object('id', al.id, 'title', al.title,
+                                          'release_year', al.release_year)
+               ORDER BY al.release_year DESC NULLS LAST, al.id)
+        FROM albums al WHERE al.artist_id = a.id), '[]'::json)
+)::text
+FROM artists a
+WHERE a.id = $1
+"""
+
+ARTIST_EXISTS_SQL = "SELECT EXISTS (SELECT 1 FROM artists WHERE id = $1)"
+
+ARTIST_TRACKS_SQL = f"""
+SELECT t.play_count, t.id, json_build_object({TRACK_FIELDS})::text AS doc
+FROM tracks t
+{TRACK_JOINS}
+WHERE t.artist_id = $1 AND (t.play_count, t.id) < ($2::bigint, $3::bigint)
+ORDER BY t.play_count DESC, t.id DESC
+LIMIT $4
+"""
+
+ALBUM_SQL = f"""
+SELECT json_build_object(
+    'id', al.id, 'title', al.title, 'release_year', al.release_year,
+    'artist', json_build_object('id', ar.id, 'name', ar.name),
+    'tracks', coalesce((
+        SELECT json_agg(json_build_object({TRACK_FIELDS})
+                        ORDER BY t.track_number NULLS LAST, t.id)
+        FROM tracks t WHERE t.album_id = al.id), '[]'::json)
+)::text
+FROM albums al
+JOIN artists ar ON ar.id = al.artist_id
+WHERE al.id = $1
+"""
+
+GENRE_TRACKS_SQL = f"""
+SELECT t.play_count, t.id, json_build_object({TRACK_FIELDS})::text AS doc
+FROM tracks t
+{TRACK_JOINS}
+WHERE t.genre = $1 AND (t.play_count, t.id) < ($2::bigint, $3::bigint)
+ORDER BY t.play_count DESC, t.id DESC
+LIMIT $4
+"""
+
+GENRE_EXISTS_SQL = "SELECT EXISTS (SELECT 1 FROM tracks WHERE genre = $1)"
+
+PLAYLIST_SQL = """
+SELECT json_build_object(
+    'id', p.id, 'name', p.name, 'description', p.description, 'owner_id', p.owner_id,
+    'track_count', (SELECT count(*) FROM playlist_entries e WHERE e.playlist_id = p.id),
+    'created_at', p.created_at, 'updated_at', p.updated_at
+)::text
+FROM playlists p
+WHERE p.id = $1
+"""
+
+PLAYLIST_ENTRIES_SQL = f"""
+SELECT e.position, json_build_object(
+    'position', e.position, 'added_at', e.added_at,
+    'track', json_build_object({TRACK_FIELDS})
+)::text AS doc
+FROM playlist_entries e
+JOIN tracks t ON t.id = e.track_id
+{TRACK_JOINS}
+WHERE e.playlist_id = $1 AND e.position > $2
+ORDER BY e.position
+LIMIT $3
+"""
+
+# Ranked by text relevance (title > artist > album), then popularity, then id. The tsquery is
+# built once (MATERIALIZED) and the JSON only for the page, not for every hit.
+SEARCH_SQL = f"""
+WITH q AS MATERIALIZED (SELECT edge_search_query($1) AS tsq),
+page AS (
+    SELECT t.id, t.play_count,
+           ts_rank('{{0.1, 0.3, 0.6, 1.0}}', t.search_tsv, q.tsq) AS score
+    FROM tracks t, q
+    WHERE t.search_tsv @@ q.tsq
+      AND (ts_rank('{{0.1, 0.3, 0.6, 1.0}}', t.search_tsv, q.tsq), t.play_count, t.id)
+          < ($2::real, $3::bigint, $4::bigint)
+    ORDER BY score DESC, t.play_count DESC, t.id DESC
+    LIMIT $5
+)
+SELECT page.score, page.play_count, page.id, json_build_object({TRACK_FIELDS})::text AS doc
+FROM page
+JOIN tracks t ON t.id = page.id
+{TRACK_JOINS}
+ORDER BY page.score DESC, page.play_count DESC, page.id DESC
+"""
+
+REFRESH_POPULAR_SQL = "REFRESH MATERIALIZED VIEW CONCURRENTLY popular_tracks_mv"
+
+
+class CursorError(ValueError):
+    """A cursor that this endpoint did not issue (or that was tampered with)."""
+
+
+def encode_cursor(kind: str, *values: Any) -> str:
+    raw = orjson.dumps([kind, *[v.isoformat() if isinstance(v, datetime) else v for v in values]])
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str, kind: str, types: tuple[type, ...]) -> tuple[Any, ...]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        data = orjson.loads(raw)
+    except (ValueError, orjson.JSONDecodeError):
+        raise CursorError("cursor is not valid") from None
+    if not isinstance(data, list) or len(data) != len(types) + 1 or data[0] != kind:
+        raise CursorError("cursor does not belong to this list")
+    values: list[Any] = []
+    for value, wanted in zip(data[1:], types, strict=True):
+        try:
+            if wanted is datetime:
+                values.append(datetime.fromisoformat(value))
+            elif wanted is float and isinstance(value, int | float) and not isinstance(value, bool):
+                values.append(float(value))
+            elif wanted is int and isinstance(value, int) and not isinstance(value, bool):
+                values.append(value)
+            else:
+                raise TypeError
+        except (TypeError, ValueError):
+            raise CursorError("cursor is not valid") from None
+    return tuple(values)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    docs: list[bytes]
+    next_cursor: str | None
+
+    def body(self) -> bytes:
+        return (
+            b'{"items":['
+            + b",".join(self.docs)
+            + b'],"next_cursor":'
+            + orjson.dumps(self.next_cursor)
+            + b"}"
+        )
+
+
+class Catalog:
+    """Typed query functions over a pool. A connection is held only for one statement."""
+
+    def __init__(self, pool: asyncpg.Pool, metrics: Metrics, acquire_timeout: float = 30.0) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.acquire_timeout = acquire_timeout
+
+    async def _fetch(self, name: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        started = time.perf_counter()
+        try:
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+                rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
+        finally:
+            self.metrics.db_query_duration.labels(name).observe(time.perf_counter() - started)
+
+    async def _fetchval(self, name: str, sql: str, *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+                return await conn.fetchval(sql, *args)
+        finally:
+            self.metrics.db_query_duration.labels(name).observe(time.perf_counter() - started)
+
+    async def _doc(self, name: str, sql: str, *args: Any) -> bytes | None:
+        doc = await self._fetchval(name, sql, *args)
+        return doc.encode() if doc is not None else None
+
+    def _page(self, kind: str, rows: list[asyncpg.Record], limit: int, nkeys: int) -> Page:
+        docs = [r["doc"].encode() for r in rows[:limit]]
+        cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            cursor = encode_cursor(kind, *(last[i] for i in range(nkeys)))
+        return Page(docs, cursor)
+
+    async def popular(self, limit: int, cursor: str | None) -> Page:
+        (after,) = decode_cursor(cursor, "popular", (int,)) if cursor else (0,)
+        rows = await self._fetch("popular", POPULAR_SQL, after, limit + 1)
+        return self._page("popular", rows, limit, 1)
+
+    async def recent(self, limit: int, cursor: str | None) -> Page:
+        if cursor:
+            created, last_id = decode_cursor(cursor, "recent", (datetime, int))
+        else:
+            created, last_id = datetime.max, MAX_BIGINT
+        rows = await self._fetch("recent", RECENT_SQL, created, last_id, limit + 1)
+        return self._page("recent", rows, limit, 2)
+
+    async def track(self, track_id: int) -> bytes | None:
+        return await self._doc("track", TRACK_SQL, track_id)
+
+    async def artist(self, artist_id: int) -> bytes | None:
+        return await self._doc("artist", ARTIST_SQL, artist_id)
+
+    async def artist_tracks(self, artist_id: int, limit: int, cursor: str | None) -> Page | None:
+        plays, last_id = (
+            decode_cursor(cursor, "artist", (int, int)) if cursor else (MAX_BIGINT, MAX_BIGINT)
+        )
+        rows = await self._fetch(
+            "artist_tracks", ARTIST_TRACKS_SQL, artist_id, plays, last_id, limit + 1
+        )
+        if (
+            not rows
+            and not cursor
+            and not await self._fetchval("artist_exists", ARTIST_EXISTS_SQL, artist_id)
+        ):
+            return None
+        return self._page("artist", rows, limit, 2)
+
+    async def album(self, album_id: int) -> bytes | None:
+        return await self._doc("album", ALBUM_SQL, album_id)
+
+    async def genre_tracks(self, genre: str, limit: int, cursor: str | None) -> Page | None:
+        plays, last_id = (
+            decode_cursor(cursor, "genre", (int, int)) if cursor else (MAX_BIGINT, MAX_BIGINT)
+        )
+        rows = await self._fetch("genre_tracks", GENRE_TRACKS_SQL, genre, plays, last_id, limit + 1)
+        if (
+            not rows
+            and not cursor
+            and not await self._fetchval("genre_exists", GENRE_EXISTS_SQL, genre)
+        ):
+            return None
+        return self._page("genre", rows, limit, 2)
+
+    async def playlist(self, playlist_id: int, limit: int, cursor: str | None) -> bytes | None:
+        (after,) = decode_cursor(cursor, "playlist", (int,)) if cursor else (-1,)
+        head = await self._doc("playlist", PLAYLIST_SQL, playlist_id)
+        if head is None:
+            return None
+        rows = await self._fetch(
+            "playlist_entries", PLAYLIST_ENTRIES_SQL, playlist_id, after, limit + 1
+        )
+        page = self._page("playlist", rows, limit, 1)
+        # The playlist object carries its entries as a page: {..., "items": [...], "next_cursor"}.
+        return head[:-1] + b"," + page.body()[1:]
+
+    async def search(self, query: str, limit: int, cursor: str | None) -> Page:
+        if cursor:
+            score, plays, last_id = decode_cursor(cursor, "search", (float, int, int))
+        else:
+            score, plays, last_id = float("inf"), MAX_BIGINT, MAX_BIGINT
+        rows = await self._fetch("search", SEARCH_SQL, query, score, plays, last_id, limit + 1)
+        return self._page("search", rows, limit, 3)

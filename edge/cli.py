@@ -1,0 +1,146 @@
+"""`edge serve|migrate|seed|refresh`: a thin command line over the library."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import asyncpg
+import structlog
+
+from edge import logs
+from edge.settings import Settings, SettingsError
+
+log = structlog.get_logger("edge.cli")
+
+
+@contextlib.asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the configured database, or to the embedded one (started if need be)."""
+    from edge.embedded import embedded_postgres
+    from edge.migrations import migrate
+
+    async with contextlib.AsyncExitStack() as stack:
+        url: str | None = settings.database_url
+        if url is None:
+            url = await stack.enter_async_context(embedded_postgres(settings.data_dir))
+        conn = await asyncpg.connect(url)
+        stack.push_async_callback(conn.close)
+        await migrate(conn)
+        yield conn
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from edge.app import create_app
+
+    settings = settings.with_(
+        host=args.host or settings.host, port=settings.port if args.port is None else args.port
+    )
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    app = create_app(settings)
+    log.info(
+        "serving",
+        url=f"http://{settings.host}:{settings.port}/",
+        embedded_postgres=settings.embedded_postgres,
+        embedded_redis=settings.embedded_redis,
+    )
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=10,
+    )
+    return 0
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> None:
+        async with _database(settings):
+            log.info("migrated")
+
+    asyncio.run(run())
+    return 0
+
+
+def _seed(settings: Settings, args: argparse.Namespace) -> int:
+    from edge.seed import seed_synthetic
+
+    async def run() -> None:
+        async with _database(settings) as conn:
+            report = await seed_synthetic(
+                conn, args.tracks, audio=args.audio, media_root=settings.media_root
+            )
+            print(
+                f"seeded {report.tracks} tracks, {report.artists} artists, {report.albums} albums,"
+                f" {report.renditions} renditions in {report.seconds:.1f} s"
+            )
+
+    asyncio.run(run())
+    return 0
+
+
+def _refresh(settings: Settings, args: argparse.Namespace) -> int:
+    from edge.catalog import REFRESH_POPULAR_SQL
+
+    async def run() -> None:
+        async with _database(settings) as conn:
+            await conn.execute(REFRESH_POPULAR_SQL)
+            print("popular_tracks_mv refreshed")
+
+    asyncio.run(run())
+    return 0
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return number
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge", description="The streaming edge of a music platform.")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve", help="run the HTTP server (embedded PostgreSQL/Redis when none is configured)"
+    )
+    serve.add_argument("--host", help="address to listen on (EDGE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (EDGE_PORT, default 8080)")
+    serve.set_defaults(run=_serve)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(run=_migrate)
+    seed = sub.add_parser("seed", help="append a synthetic catalog (COPY)")
+    seed.add_argument("--tracks", type=_positive, required=True, help="number of tracks")
+    seed.add_argument(
+        "--audio",
+        type=_positive,
+        default=0,
+        help="sets of real audio renditions shared by the tracks (default 0)",
+    )
+    seed.set_defaults(run=_seed)
+    sub.add_parser("refresh", help="refresh popular_tracks_mv now").set_defaults(run=_refresh)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"edge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    run: Callable[[Settings, argparse.Namespace], int] = args.run
+    try:
+        return run(settings, args)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,101 @@
+"""Background work: refreshing popular_tracks_mv (once per interval across every Edge process that
+shares the database) and warming the popular-tracks cache after each refresh."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from edge import cache as ck
+from edge import keys
+from edge.cache import Cache
+from edge.catalog import REFRESH_POPULAR_SQL, Catalog
+from edge.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+_REFRESH_LOCK = 0x65646770  # "edgp"
+JOB_POPULAR = "refresh_popular"
+
+CLAIM_SQL = """
+INSERT INTO job_runs AS j (name, started_at) VALUES ($1, now())
+ON CONFLICT (name) DO UPDATE SET started_at = now(), finished_at = NULL, status = 'running',
+                                 runs = j.runs + 1
+WHERE j.started_at < now() - make_interval(secs => $2)
+RETURNING runs
+"""
+FINISH_SQL = "UPDATE job_runs SET finished_at = now(), status = $2 WHERE name = $1"
+
+
+async def refresh_popular(pool: asyncpg.Pool, metrics: Metrics, min_age: float = 0.0) -> bool:
+    """Refresh the view unless another process is doing it or did within `min_age` seconds.
+    Returns whether this call refreshed it."""
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _REFRESH_LOCK):
+            metrics.popular_refreshes.labels("skipped").inc()
+            return False
+        try:
+            if await conn.fetchval(CLAIM_SQL, JOB_POPULAR, min_age) is None:
+                metrics.popular_refreshes.labels("skipped").inc()
+                return False
+            status = "failed"
+            started = time.perf_counter()
+            try:
+                await conn.execute(REFRESH_POPULAR_SQL)
+                status = "ok"
+            finally:
+                await conn.execute(FINISH_SQL, JOB_POPULAR, status)
+                metrics.popular_refreshes.labels(status).inc()
+                metrics.db_query_duration.labels("refresh_popular").observe(
+                    time.perf_counter() - started
+                )
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _REFRESH_LOCK)
+    log.info("popular_refreshed", seconds=round(time.perf_counter() - started, 3))
+    return True
+
+
+async def warm_popular(app: web.Application) -> None:
+    catalog = Catalog(
+        app[keys.PG_POOL], app[keys.METRICS], app[keys.SETTINGS].db_pool_acquire_timeout
+    )
+    cache: Cache = app[keys.CACHE]
+    for limit in app[keys.SETTINGS].popular_warm_limits:
+
+        async def load(limit: int = limit) -> bytes:
+            return (await catalog.popular(limit, None)).body()
+
+        await cache.refresh(
+            "popular", ck.popular_key(limit), ck.TTL_POPULAR, load, field=ck.FIRST_PAGE, l1=True
+        )
+
+
+async def _refresh_loop(app: web.Application) -> None:
+    interval = app[keys.SETTINGS].popular_refresh_seconds
+    while True:
+        await asyncio.sleep(interval)  # the schedule itself, not synchronisation
+        try:
+            # 0.9: a process whose timer fires a little early still leaves the run to the one
+            # that ran on time.
+            if await refresh_popular(app[keys.PG_POOL], app[keys.METRICS], interval * 0.9):
+                await warm_popular(app)
+        except Exception:
+            log.exception("popular_refresh_failed")
+
+
+async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
+    try:
+        await warm_popular(app)
+    except Exception:  # a cold cache is not a reason to refuse to start
+        log.exception("cache_warm_failed")
+    task = asyncio.create_task(_refresh_loop(app), name="refresh-popular")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,111 @@
+"""Request id, access log, HTTP metrics and JSON errors, around every handler."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import asyncpg
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from edge import keys
+from edge.errors import ApiError, json_error
+
+log = structlog.get_logger("edge.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+}
+
+
+def _route_name(request: web.Request) -> str:
+    route = request.match_info.route
+    name = route.name if route is not None else None
+    if name:
+        return name
+    # Unmatched paths share one label value: raw paths would make the label set unbounded.
+    return "unmatched" if route is None or route.resource is None else "unnamed"
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    metrics = request.app[keys.METRICS]
+    started = time.perf_counter()
+    metrics.http_in_flight.inc()
+    status = 500
+    try:
+        response = await _errors_as_json(request, handler)
+        status = response.status
+        response.headers["X-Request-ID"] = request_id
+        return response
+    finally:
+        metrics.http_in_flight.dec()
+        elapsed = time.perf_counter() - started
+        route = _route_name(request)
+        metrics.http_requests.labels(route, request.method, str(status)).inc()
+        metrics.http_duration.labels(route, request.method, f"{status // 100}xx").observe(elapsed)
+        log.info(
+            "request",
+            method=request.method,
+            route=route,
+            path=request.path,
+            status=status,
+            duration_ms=round(elapsed * 1000, 3),
+        )
+
+
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[keys.METRICS]
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        metrics.errors.labels(exc.code).inc()
+        log.info("api_error", code=exc.code, status=exc.status, message=exc.message)
+        return json_error(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        metrics.errors.labels(code).inc()
+        log.info("http_error", code=code, status=exc.status)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return json_error(exc.status, code, exc.reason, headers)
+    except (
+        asyncpg.PostgresConnectionStatusError,
+        asyncpg.CannotConnectNowError,
+        OSError,
+        asyncpg.InterfaceError,
+        TimeoutError,
+    ) as exc:
+        metrics.errors.labels("database_unavailable").inc()
+        metrics.db_errors.labels("unavailable").inc()
+        log.error("database_unavailable", error=f"{type(exc).__name__}: {exc}")
+        return json_error(
+            503, "database_unavailable", "the catalog database is unreachable", {"Retry-After": "1"}
+        )
+    except asyncpg.QueryCanceledError:
+        metrics.errors.labels("query_timeout").inc()
+        metrics.db_errors.labels("timeout").inc()
+        log.error("query_timeout")
+        return json_error(
+            503, "query_timeout", "the catalog query took too long", {"Retry-After": "1"}
+        )
+    except Exception:
+        metrics.errors.labels("internal").inc()
+        log.exception("unhandled_error")
+        return json_error(500, "internal", "internal server error")

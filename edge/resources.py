@@ -1,0 +1,97 @@
+"""One cleanup context per resource, entered in order at start and left in reverse at stop.
+
+embedded servers (zero-config) -> schema (+ demo catalog) -> PostgreSQL pool -> Redis -> cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+
+from edge import keys
+from edge.cache import Cache
+from edge.embedded import embedded_postgres, embedded_redis
+from edge.migrations import migrate
+from edge.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+async def embedded_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.database_url is not None:
+            app[keys.DATABASE_URL] = settings.database_url
+        else:
+            app[keys.DATABASE_URL] = await stack.enter_async_context(
+                embedded_postgres(settings.data_dir)
+            )
+        if settings.redis_url is not None:
+            app[keys.REDIS_URL] = settings.redis_url
+        else:
+            app[keys.REDIS_URL] = await stack.enter_async_context(embedded_redis(settings.data_dir))
+        yield
+
+
+async def schema_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    conn = await asyncpg.connect(app[keys.DATABASE_URL])
+    try:
+        await migrate(conn)
+        if settings.embedded_postgres and settings.demo_seed:
+            from edge.seed import seed_demo_if_empty
+
+            await seed_demo_if_empty(conn, settings.media_root)
+    finally:
+        await conn.close()
+    yield
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # JIT compilation costs more than these short catalog queries ever take.
+    await conn.execute("SET jit = off")
+
+
+def pool_kwargs(settings: Settings) -> dict[str, object]:
+    return {
+        "min_size": settings.db_pool_min,
+        "max_size": settings.db_pool_max,
+        "server_settings": {
+            "application_name": "edge",
+            "statement_timeout": str(settings.db_statement_timeout_ms),
+        },
+        "init": _init_connection,
+    }
+
+
+async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    pool = await asyncpg.create_pool(app[keys.DATABASE_URL], **pool_kwargs(settings))
+    app[keys.PG_POOL] = pool
+    log.info("postgres_pool_ready", min=settings.db_pool_min, max=settings.db_pool_max)
+    try:
+        yield
+    finally:
+        await pool.close()
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        app[keys.REDIS_URL],
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        health_check_interval=30,
+        max_connections=256,
+    )
+    app[keys.REDIS] = client
+    app[keys.CACHE] = Cache(client, app[keys.METRICS], settings)
+    try:
+        yield
+    finally:
+        await client.aclose()
