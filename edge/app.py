@@ -7,17 +7,25 @@ from aiohttp import web
 from edge import keys
 from edge.jobs import jobs_ctx
 from edge.metrics import Metrics
-from edge.middlewares import observe
-from edge.resources import embedded_ctx, postgres_ctx, redis_ctx, schema_ctx
+from edge.middlewares import echo_request_id, observe
+from edge.resources import embedded_ctx, postgres_ctx, redis_ctx, schema_ctx, streaming_ctx
 from edge.settings import Settings
-from edge.views import api, ops
+from edge.views import api, events, media, ops, play
 
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
+    app.on_response_prepare.append(echo_request_id)
     app[keys.METRICS] = Metrics()
-    app.cleanup_ctx.extend([embedded_ctx, schema_ctx, postgres_ctx, redis_ctx, jobs_ctx])
+    app[media.ETAGS] = media.Etags()
+    app[play.TRACK_INFOS] = play.TrackInfos()
+    app.cleanup_ctx.extend(
+        [embedded_ctx, schema_ctx, postgres_ctx, redis_ctx, streaming_ctx, jobs_ctx]
+    )
     app.router.add_routes(ops.routes)
     app.router.add_routes(api.routes)
+    app.router.add_routes(play.routes)
+    app.router.add_routes(events.routes)
+    app.router.add_routes(media.routes)
     return app

@@ -67,7 +67,7 @@ def popular_key(limit: int) -> str:
     return f"popular-tracks:{limit}"
 
 
-def recommendations_key(user_id: int, limit: int) -> str:
+def recommendations_key(user_id: str, limit: int) -> str:
     return f"recommendations:{user_id}:{limit}"
 
 

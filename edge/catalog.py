@@ -60,7 +60,8 @@ SELECT json_build_object({TRACK_FIELDS},
         SELECT json_agg(json_build_object(
                    'format', r.format, 'codec', r.codec, 'bitrate_kbps', r.bitrate_kbps,
                    'sample_rate', r.sample_rate, 'channels', r.channels, 'bytes', r.bytes,
-                   'content_type', r.content_type)
+                   'content_type', r.content_type, 'object_key', r.object_key, 'etag', r.etag,
+                   'created_at', r.created_at)
                ORDER BY r.format, r.bitrate_kbps)
         FROM renditions r WHERE r.track_id = t.id), '[]'::json)
 )::text
@@ -161,6 +162,49 @@ FROM page
 JOIN tracks t ON t.id = page.id
 {TRACK_JOINS}
 ORDER BY page.score DESC, page.play_count DESC, page.id DESC
+"""
+
+NEXT_IN_PLAYLIST_SQL = """
+SELECT position, track_id FROM playlist_entries
+WHERE playlist_id = $1 AND position > $2
+ORDER BY position
+LIMIT 1
+"""
+
+# From the user's recent plays: tracks of their favourite artists (weighted double) and genres,
+# not heard yet, popularity as tie-break. Each candidate list is an index range scan.
+RECOMMENDATIONS_SQL = f"""
+WITH mine AS (
+    SELECT track_id FROM plays WHERE user_id = $1 ORDER BY played_at DESC LIMIT 500
+), fav_artists AS (
+    SELECT t.artist_id, count(*) AS w FROM mine JOIN tracks t ON t.id = mine.track_id
+    GROUP BY t.artist_id ORDER BY w DESC, t.artist_id LIMIT 5
+), fav_genres AS (
+    SELECT t.genre, count(*) AS w FROM mine JOIN tracks t ON t.id = mine.track_id
+    GROUP BY t.genre ORDER BY w DESC, t.genre LIMIT 3
+), candidates AS (
+    SELECT c.id, c.play_count, 2 * a.w AS score
+    FROM fav_artists a
+    CROSS JOIN LATERAL (SELECT id, play_count FROM tracks WHERE artist_id = a.artist_id
+                        ORDER BY play_count DESC, id DESC LIMIT 50) c
+    UNION ALL
+    SELECT c.id, c.play_count, g.w AS score
+    FROM fav_genres g
+    CROSS JOIN LATERAL (SELECT id, play_count FROM tracks WHERE genre = g.genre
+                        ORDER BY play_count DESC, id DESC LIMIT 100) c
+), ranked AS (
+    SELECT id, sum(score) AS score, max(play_count) AS play_count
+    FROM candidates
+    WHERE id NOT IN (SELECT track_id FROM mine)
+    GROUP BY id
+    ORDER BY score DESC, play_count DESC, id DESC
+    LIMIT $2
+)
+SELECT json_build_object({TRACK_FIELDS})::text AS doc
+FROM ranked
+JOIN tracks t ON t.id = ranked.id
+{TRACK_JOINS}
+ORDER BY ranked.score DESC, ranked.play_count DESC, ranked.id DESC
 """
 
 REFRESH_POPULAR_SQL = "REFRESH MATERIALIZED VIEW CONCURRENTLY popular_tracks_mv"
@@ -312,6 +356,16 @@ class Catalog:
         page = self._page("playlist", rows, limit, 1)
         # The playlist object carries its entries as a page: {..., "items": [...], "next_cursor"}.
         return head[:-1] + b"," + page.body()[1:]
+
+    async def next_in_playlist(self, playlist_id: int, position: int) -> tuple[int, int] | None:
+        rows = await self._fetch("next_in_playlist", NEXT_IN_PLAYLIST_SQL, playlist_id, position)
+        return (rows[0]["position"], rows[0]["track_id"]) if rows else None
+
+    async def recommendations(self, user_id: str, limit: int) -> Page:
+        rows = await self._fetch("recommendations", RECOMMENDATIONS_SQL, user_id, limit)
+        if not rows:  # cold start: what everybody plays
+            return Page((await self.popular(limit, None)).docs, None)
+        return Page([r["doc"].encode() for r in rows], None)
 
     async def search(self, query: str, limit: int, cursor: str | None) -> Page:
         if cursor:

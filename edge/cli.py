@@ -101,6 +101,14 @@ def _refresh(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    from edge.auth import issue, local_secret
+
+    secret = str(settings.jwt_secret) or local_secret(settings.data_dir, "jwt")
+    print(issue(secret, args.user, args.tier, args.ttl))
+    return 0
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -128,6 +136,13 @@ def parser() -> argparse.ArgumentParser:
     )
     seed.set_defaults(run=_seed)
     sub.add_parser("refresh", help="refresh popular_tracks_mv now").set_defaults(run=_refresh)
+    token = sub.add_parser(
+        "token", help="print a player token (HS256 with EDGE_JWT_SECRET, or the zero-config key)"
+    )
+    token.add_argument("--user", required=True, help="user id (the sub claim)")
+    token.add_argument("--tier", required=True, choices=("free", "premium", "hifi"))
+    token.add_argument("--ttl", type=_positive, default=3600, help="seconds (default 3600)")
+    token.set_defaults(run=_token)
     return p
 
 

@@ -89,13 +89,80 @@ async def _refresh_loop(app: web.Application) -> None:
             log.exception("popular_refresh_failed")
 
 
+FLUSH_PLAYS_SQL = """
+WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[],
+                         $6::float8[]) AS r(track_id, user_id, session_id, format, bitrate, at)
+    WHERE EXISTS (SELECT 1 FROM tracks t WHERE t.id = r.track_id)
+), logged AS (
+    INSERT INTO plays (track_id, user_id, session_id, format, bitrate_kbps, played_at)
+    SELECT track_id, user_id, session_id, format, bitrate, to_timestamp(at) FROM r
+)
+UPDATE tracks t SET play_count = t.play_count + c.n
+FROM (SELECT track_id, count(*) AS n FROM r GROUP BY track_id) c
+WHERE t.id = c.track_id
+"""
+FLUSH_BATCH = 1000
+
+
+async def flush_plays(app: web.Application) -> int:
+    """Move queued plays from Redis to PostgreSQL: one statement per batch, no UPDATE per play.
+    If PostgreSQL fails, the batch goes back to the head of the queue."""
+    sessions = app[keys.SESSIONS]
+    total = 0
+    while True:
+        rows = await sessions.take_plays(FLUSH_BATCH)
+        if not rows:
+            return total
+        try:
+            async with app[keys.PG_POOL].acquire() as conn:
+                await conn.execute(
+                    FLUSH_PLAYS_SQL,
+                    [r["track_id"] for r in rows],
+                    [r.get("user_id") for r in rows],
+                    [r.get("session_id") for r in rows],
+                    [r.get("format") for r in rows],
+                    [r.get("bitrate_kbps") for r in rows],
+                    [float(r.get("at") or time.time()) for r in rows],
+                )
+        except BaseException:
+            await sessions.requeue_plays(rows)
+            raise
+        total += len(rows)
+        app[keys.METRICS].plays_flushed.inc(len(rows))
+        if len(rows) < FLUSH_BATCH:
+            return total
+
+
+async def _flush_loop(app: web.Application) -> None:
+    interval = app[keys.SETTINGS].plays_flush_seconds
+    while True:
+        await asyncio.sleep(interval)  # the schedule itself
+        try:
+            flushed = await flush_plays(app)
+            if flushed:
+                log.info("plays_flushed", plays=flushed)
+        except Exception:
+            log.exception("plays_flush_failed")
+
+
 async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         await warm_popular(app)
     except Exception:  # a cold cache is not a reason to refuse to start
         log.exception("cache_warm_failed")
-    task = asyncio.create_task(_refresh_loop(app), name="refresh-popular")
+    tasks = [
+        asyncio.create_task(_refresh_loop(app), name="refresh-popular"),
+        asyncio.create_task(_flush_loop(app), name="flush-plays"),
+    ]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # What players played until now reaches PostgreSQL before we stop.
+    await app[keys.BACKGROUND].drain()
+    try:
+        await flush_plays(app)
+    except Exception:
+        log.exception("plays_flush_failed")

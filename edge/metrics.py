@@ -65,3 +65,74 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        # Streaming.
+        self.sessions_started = Counter(
+            "edge_stream_sessions_started", "Streaming sessions created", ["tier"], registry=r
+        )
+        self.stream_rejections = Counter(
+            "edge_stream_rejections", "/play requests refused, by reason", ["reason"], registry=r
+        )
+        self.bytes_streamed = Counter(
+            "edge_stream_bytes",
+            "Bytes streamed to players (proxy and local origin)",
+            ["mode", "format"],
+            registry=r,
+        )
+        self.time_to_first_byte = Histogram(
+            "edge_stream_time_to_first_byte_seconds",
+            "From request to the first body byte in proxy mode",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "edge_upstream_request_duration_seconds",
+            "CDN/origin requests until headers",
+            ["status_class"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "edge_upstream_errors",
+            "Origin failures by source and kind",
+            ["source", "kind"],
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "edge_client_disconnects", "Clients gone mid-body", ["route"], registry=r
+        )
+        self.signatures = Counter(
+            "edge_signed_urls", "Signed URLs by how they were obtained", ["result"], registry=r
+        )
+        self.quality_chosen = Counter(
+            "edge_stream_quality",
+            "Renditions chosen by /play",
+            ["format", "bitrate"],
+            registry=r,
+        )
+        self.downgrades = Counter(
+            "edge_stream_downgrades",
+            "Choices below what was asked, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.player_events = Counter(
+            "edge_player_events",
+            "Player events by type and format",
+            ["type", "format"],
+            registry=r,
+        )
+        self.player_errors = Counter(
+            "edge_player_errors",
+            "Player errors by code and format",
+            ["code", "format"],
+            registry=r,
+        )
+        self.plays_counted = Counter(
+            "edge_plays_counted",
+            "Plays counted (once per session and track)",
+            ["via"],
+            registry=r,
+        )
+        self.plays_flushed = Counter(
+            "edge_plays_flushed", "Plays written to PostgreSQL by the flush job", registry=r
+        )

@@ -29,6 +29,27 @@ _HTTP_CODES = {
 }
 
 
+REQUEST_ID = web.RequestKey("request_id", str)
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response, streamed ones too, carries the request id."""
+    request_id = request.get(REQUEST_ID)
+    if request_id:
+        response.headers["X-Request-ID"] = request_id
+
+
+# PostgreSQL is down, restarting, refusing connections, or our pool waited too long.
+_DB_UNAVAILABLE = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
 def _route_name(request: web.Request) -> str:
     route = request.match_info.route
     name = route.name if route is not None else None
@@ -42,6 +63,7 @@ def _route_name(request: web.Request) -> str:
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-ID", "")
     request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     metrics = request.app[keys.METRICS]
@@ -51,7 +73,6 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await _errors_as_json(request, handler)
         status = response.status
-        response.headers["X-Request-ID"] = request_id
         return response
     finally:
         metrics.http_in_flight.dec()

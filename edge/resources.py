@@ -5,19 +5,27 @@ embedded servers (zero-config) -> schema (+ demo catalog) -> PostgreSQL pool -> 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 
+import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
 from edge import keys
+from edge.auth import Verifier, local_secret
+from edge.background import Background
 from edge.cache import Cache
+from edge.cdn import Cdn
 from edge.embedded import embedded_postgres, embedded_redis
 from edge.migrations import migrate
+from edge.sessions import Sessions
 from edge.settings import Settings
+from edge.signing import CloudFrontSigner, LocalSigner, SignedUrlCache, Signer
 
 log = structlog.get_logger(__name__)
 
@@ -95,3 +103,44 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await client.aclose()
+
+
+async def streaming_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Token verifier, sessions, signers and the pooled CDN client."""
+    settings = app[keys.SETTINGS]
+    jwt_secret: str = settings.jwt_secret
+    if not jwt_secret and not settings.jwt_public_key and settings.embedded_postgres:
+        # The zero-config default: a key of its own under the data dir (`edge token` uses it).
+        jwt_secret = await asyncio.to_thread(local_secret, settings.data_dir, "jwt")
+    app[keys.VERIFIER] = Verifier(jwt_secret, settings.jwt_public_key)
+    media_secret: str = settings.media_secret
+    if not media_secret:
+        media_secret = await asyncio.to_thread(local_secret, settings.data_dir, "media")
+    local = LocalSigner(media_secret.encode())
+    app[keys.SESSION_SECRET] = hashlib.sha256(
+        b"edge-device-session\x00" + media_secret.encode()
+    ).digest()
+    app[keys.LOCAL_SIGNER] = local
+    signer: Signer = local
+    if settings.cdn_base and settings.cloudfront_key_pair_id and settings.cloudfront_private_key:
+        signer = CloudFrontSigner(
+            settings.cloudfront_key_pair_id, str(settings.cloudfront_private_key)
+        )
+    urls = SignedUrlCache(signer, settings.signed_url_lifetime, settings.signed_url_window)
+    app[keys.SESSIONS] = Sessions(app[keys.REDIS], settings.redis_key_prefix)
+    app[keys.BACKGROUND] = Background()
+    connector = aiohttp.TCPConnector(limit=512, limit_per_host=256, keepalive_timeout=30)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as client:
+        app[keys.HTTP_CLIENT] = client
+        app[keys.CDN] = Cdn(
+            settings.cdn_base,
+            urls,
+            client,
+            app[keys.METRICS],
+            settings.upstream_connect_timeout,
+            settings.upstream_read_timeout,
+        )
+        try:
+            yield
+        finally:
+            await app[keys.BACKGROUND].drain()

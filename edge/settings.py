@@ -73,6 +73,20 @@ class Settings:
     cache_ttl_jitter: float = 0.1
     redis_retry_seconds: float = 1.0
     max_body_bytes: int = 64 * 1024
+    # Players and streaming.
+    jwt_secret: Secret = field(default=Secret(), repr=False)
+    jwt_public_key: str = ""
+    allow_anonymous: bool | None = None  # None: on in the zero-config default, off otherwise
+    play_mode: str = "redirect"
+    media_secret: Secret = field(default=Secret(), repr=False)
+    cdn_url: str = ""
+    signed_url_lifetime: int = 3600
+    signed_url_window: int = 300
+    stream_limits: tuple[tuple[str, int], ...] = (("free", 1), ("premium", 3), ("hifi", 3))
+    upstream_connect_timeout: float = 2.0
+    upstream_read_timeout: float = 10.0
+    plays_flush_seconds: float = 5.0
+    play_threshold_seconds: float = 30.0
 
     @property
     def embedded_postgres(self) -> bool:
@@ -81,6 +95,25 @@ class Settings:
     @property
     def embedded_redis(self) -> bool:
         return self.redis_url is None
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        if self.allow_anonymous is not None:
+            return self.allow_anonymous
+        return self.embedded_postgres and self.embedded_redis
+
+    def stream_limit(self, tier: str) -> int:
+        return dict(self.stream_limits).get(tier, 1)
+
+    @property
+    def cdn_base(self) -> str:
+        """Where media objects are fetched from: EDGE_CDN_URL, https://CDN_DOMAIN, or "" for
+        Edge's own local origin (/media)."""
+        if self.cdn_url:
+            return self.cdn_url.rstrip("/")
+        if self.cdn_domain:
+            return f"https://{self.cdn_domain}"
+        return ""
 
     @property
     def media_root(self) -> Path:
@@ -145,6 +178,23 @@ class Settings:
             cache_l1_size=e.integer("EDGE_CACHE_L1_SIZE", 2048, minimum=0),
             cache_ttl_jitter=e.number("EDGE_CACHE_TTL_JITTER", 0.1, minimum=0.0, maximum=0.5),
             redis_retry_seconds=e.number("EDGE_REDIS_RETRY_SECONDS", 1.0, minimum=0.0),
+            jwt_secret=Secret(e.text("EDGE_JWT_SECRET", "")),
+            jwt_public_key=e.text("EDGE_JWT_PUBLIC_KEY", "").replace("\\n", "\n"),
+            allow_anonymous=(
+                None
+                if e.raw("EDGE_ALLOW_ANONYMOUS") is None
+                else e.flag("EDGE_ALLOW_ANONYMOUS", False)
+            ),
+            play_mode=e.choice("EDGE_PLAY_MODE", "redirect", ("redirect", "proxy")),
+            media_secret=Secret(e.text("EDGE_MEDIA_SECRET", "")),
+            cdn_url=e.url("EDGE_CDN_URL", ""),
+            signed_url_lifetime=e.integer("EDGE_SIGNED_URL_LIFETIME", 3600, minimum=60),
+            signed_url_window=e.integer("EDGE_SIGNED_URL_WINDOW", 300, minimum=1),
+            stream_limits=_stream_limits(e.text("EDGE_STREAM_LIMITS", "free=1,premium=3,hifi=3")),
+            upstream_connect_timeout=e.number("EDGE_UPSTREAM_CONNECT_TIMEOUT", 2.0, minimum=0.01),
+            upstream_read_timeout=e.number("EDGE_UPSTREAM_READ_TIMEOUT", 10.0, minimum=0.01),
+            plays_flush_seconds=e.number("EDGE_PLAYS_FLUSH_SECONDS", 5.0, minimum=0.05),
+            play_threshold_seconds=e.number("EDGE_PLAY_THRESHOLD_SECONDS", 30.0, minimum=0.0),
         )
 
 
@@ -225,6 +275,19 @@ class _Env:
         if parts.scheme not in schemes or not parts.netloc:
             raise SettingsError(f"{name}: not a URL with scheme {'/'.join(schemes)}")
         return value
+
+
+def _stream_limits(value: str) -> tuple[tuple[str, int], ...]:
+    limits = dict((("free", 1), ("premium", 3), ("hifi", 3)))
+    for part in value.split(","):
+        tier, _, number = part.strip().partition("=")
+        if tier not in limits or not number.strip().isdigit() or int(number) < 1:
+            raise SettingsError(
+                f"EDGE_STREAM_LIMITS: {part.strip()!r} is not tier=N (tiers free, premium, hifi;"
+                " N >= 1)"
+            )
+        limits[tier] = int(number)
+    return tuple(limits.items())
 
 
 def _database_url(e: _Env) -> Secret | None:

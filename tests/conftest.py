@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from edge import logs
 from edge.app import create_app
@@ -133,24 +133,88 @@ def settings(database_url: str, servers: Servers, redis_prefix: str, tmp_path: P
         db_pool_max=5,
         demo_seed=False,
         log_format="json",
+        jwt_secret=Secret(JWT_SECRET),
+        media_secret=Secret("test-media-secret-0123456789"),
+        allow_anonymous=False,
+        plays_flush_seconds=3600.0,
     )
+
+
+JWT_SECRET = "test-jwt-secret-0123456789abcdef"
+
+
+def token(user: str = "alice", tier: str = "premium", ttl: int = 3600) -> str:
+    """A player token as Edge's own `edge token` makes it."""
+    from edge.auth import issue
+
+    return issue(JWT_SECRET, user, tier, ttl)  # type: ignore[arg-type]
+
+
+def bearer(user: str = "alice", tier: str = "premium") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(user, tier)}"}
+
+
+@pytest.fixture(scope="session")
+def audio_files(tmp_path_factory: pytest.TempPathFactory) -> list[list[Any]]:
+    """Three short real tracks encoded once per test session into the full rendition ladder."""
+    from edge.ingest import Tags, encode_renditions, synthesize
+
+    root = tmp_path_factory.mktemp("audio")
+    made = []
+    for n in range(3):
+        tags = Tags(f"Test {n}", "Edge", "Tests", "test", n + 1)
+        made.append(encode_renditions(synthesize(n + 1, 4.0), 44100, tags, root, f"t/{n}"))
+    return made
+
+
+@pytest_asyncio.fixture
+async def playable(
+    catalog: dict[str, Any],
+    db: asyncpg.Connection,
+    settings: Settings,
+    audio_files: list[list[Any]],
+) -> dict[str, Any]:
+    """Real renditions for the three tracks of "Back in Black" (album order: hells, shoot,
+    backinblack), copied into this test's media folder and recorded in the catalog."""
+    import shutil
+
+    from edge.seed import INSERT_RENDITION_SQL, _rendition_row
+
+    order = ["hells", "shoot", "backinblack"]
+    await db.execute("DELETE FROM renditions")
+    for key, files in zip(order, audio_files, strict=True):
+        track_id = catalog["tracks"][key]
+        for f in files:
+            target = settings.media_root / f.object_key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f.path, target)
+        await db.executemany(INSERT_RENDITION_SQL, [_rendition_row(track_id, f) for f in files])
+        await db.execute(
+            "UPDATE tracks SET duration_ms = $2 WHERE id = $1", track_id, files[0].duration_ms
+        )
+    return {**catalog, "files": dict(zip(order, audio_files, strict=True))}
 
 
 MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
 @pytest_asyncio.fixture
-async def make_client(aiohttp_client: Any, settings: Settings) -> MakeClient:
+async def make_client(settings: Settings) -> AsyncIterator[MakeClient]:
     """Build the app with the same factory as `edge serve`; keyword args override settings.
-    (`settings` comes first so the test database outlives the app's pool at teardown.)"""
+    The clients are closed here, before this test's database is dropped."""
+    clients: list[TestClient[web.Request, web.Application]] = []
 
     async def make(**overrides: Any) -> TestClient[web.Request, web.Application]:
-        client: TestClient[web.Request, web.Application] = await aiohttp_client(
-            create_app(settings.with_(**overrides))
+        client: TestClient[web.Request, web.Application] = TestClient(
+            TestServer(create_app(settings.with_(**overrides)))
         )
+        await client.start_server()
+        clients.append(client)
         return client
 
-    return make
+    yield make
+    for client in reversed(clients):
+        await client.close()
 
 
 @pytest_asyncio.fixture

@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from edge import auth, keys
 from edge import cache as ck
-from edge import keys
 from edge.cache import Entry
 from edge.catalog import Catalog, CursorError, Page
-from edge.errors import bad_request, not_found
+from edge.errors import ApiError, bad_request, not_found
 
 MAX_ID = 2**63 - 1
 MAX_QUERY_CHARS = 200
@@ -184,6 +184,24 @@ async def playlist(request: web.Request) -> web.Response:
         field=_variant(limit, cursor),
     )
     return respond(request, entry, "playlist")
+
+
+@routes.get("/api/v1/users/{id}/recommendations", name="api_recommendations")
+async def recommendations(request: web.Request) -> web.Response:
+    settings = request.app[keys.SETTINGS]
+    who = auth.principal(request, request.app[keys.VERIFIER], settings.anonymous_allowed)
+    user_id = request.match_info["id"]
+    if who.anonymous or who.user_id != user_id:
+        raise ApiError(403, "forbidden", "you may read only your own recommendations")
+    limit = _limit(request)
+    catalog = _catalog(request)
+    entry = await request.app[keys.CACHE].get(
+        "recommendations",
+        ck.recommendations_key(user_id, limit),
+        ck.TTL_RECOMMENDATIONS,
+        lambda: _paged(lambda: catalog.recommendations(user_id, limit)),
+    )
+    return respond(request, entry, "recommendations")
 
 
 def _uncached(body: bytes | None) -> Entry | None:

@@ -28,7 +28,8 @@ async def test_track_with_renditions(client: Client, catalog: dict[str, Any]) ->
         ("flac", 900),
         ("mp3", 128),
     ]
-    assert "object_key" not in body["renditions"][0]
+    assert body["renditions"][1]["object_key"] == "k/a.mp3"
+    assert body["renditions"][1]["content_type"] == "audio/mpeg"
 
 
 async def test_track_without_renditions_has_empty_list(

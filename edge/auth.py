@@ -1,0 +1,131 @@
+"""Player tokens (JWT, PyJWT) -> `Principal(user_id, tier)`.
+
+A token comes from `Authorization: Bearer`, `?token=` (for `<audio src>`) or the `edge_token`
+cookie; claims `sub`, `tier` (free | premium | hifi) and `exp`. HS256 with EDGE_JWT_SECRET, or
+RS256/ES256 with EDGE_JWT_PUBLIC_KEY; the accepted algorithms are fixed by the key, never taken
+from the token. Anonymous listeners are tier free, where that is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+import jwt
+from aiohttp import web
+
+from edge.errors import ApiError
+
+Tier = Literal["free", "premium", "hifi"]
+TIERS: tuple[Tier, ...] = ("free", "premium", "hifi")
+COOKIE = "edge_token"
+MAX_TOKEN_CHARS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: str
+    tier: Tier
+    anonymous: bool = False
+
+
+class TokenError(ApiError):
+    def __init__(self, message: str) -> None:
+        super().__init__(401, "invalid_token", message)
+
+
+class Verifier:
+    def __init__(self, secret: str = "", public_key: str = "") -> None:
+        if public_key:
+            self.key: str = public_key
+            self.algorithms = ["RS256", "ES256"]
+        elif secret:
+            self.key = secret
+            self.algorithms = ["HS256"]
+        else:
+            self.key = ""
+            self.algorithms = []
+
+    def verify(self, token: str) -> Principal:
+        if not self.algorithms:
+            raise TokenError("this edge accepts no tokens (no EDGE_JWT_SECRET or public key)")
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=self.algorithms,
+                options={"require": ["sub", "exp"]},
+                leeway=5,
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenError("token expired") from None
+        except jwt.InvalidAlgorithmError:
+            raise TokenError("token algorithm not accepted") from None
+        except jwt.InvalidTokenError as exc:
+            raise TokenError(f"invalid token: {exc}") from None
+        sub, tier = claims.get("sub"), claims.get("tier", "free")
+        if not isinstance(sub, str) or not 0 < len(sub) <= 128:
+            raise TokenError("invalid token: sub must be a non-empty string")
+        if tier not in TIERS:
+            raise TokenError("invalid token: tier must be free, premium or hifi")
+        return Principal(sub, cast(Tier, tier))
+
+
+def token_from(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise TokenError("Authorization must be 'Bearer <token>'")
+        token = value.strip()
+    else:
+        token = request.query.get("token") or request.cookies.get(COOKIE) or ""
+    if not token:
+        return None
+    if len(token) > MAX_TOKEN_CHARS:
+        raise TokenError("token too long")
+    return token
+
+
+def principal(request: web.Request, verifier: Verifier, allow_anonymous: bool) -> Principal:
+    token = token_from(request)
+    if token is not None:
+        return verifier.verify(token)
+    if allow_anonymous:
+        # Anonymous listeners share limits per client address.
+        return Principal(f"anon:{request.remote or 'unknown'}", "free", anonymous=True)
+    raise ApiError(401, "token_required", "a player token is required")
+
+
+def issue(secret: str, user_id: str, tier: Tier, ttl: int = 3600, now: float | None = None) -> str:
+    issued = int(time.time() if now is None else now)
+    claims = {"sub": user_id, "tier": tier, "iat": issued, "exp": issued + ttl}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def local_secret(data_dir: Path, name: str) -> str:
+    """A secret kept under the data dir (0600), made on first use: the zero-config default's
+    token and media keys, stable across restarts and shared with `edge token`."""
+    path = data_dir / "secrets" / name
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = secrets.token_hex(32)
+    tmp = path.with_name(f".{name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    try:
+        # link() fails if another process made it first: then theirs is the one.
+        os.link(tmp, path)
+    except FileExistsError:
+        value = path.read_text().strip()
+    finally:
+        os.unlink(tmp)
+    return value

@@ -1,0 +1,139 @@
+"""The CDN side of /play: signed URLs for redirects (cached per object and expiry window), and
+the pooled client that fetches byte ranges from the CDN (or the local origin) for proxy mode.
+
+Proxy requests carry exactly the range the client asked for (never the whole file for a range);
+a connect failure before any byte is retried once, then answered 502; an origin that stays
+silent past the read timeout is 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+
+from edge.metrics import Metrics
+from edge.ranges import ByteRange
+from edge.signing import SignedUrlCache
+
+log = structlog.get_logger(__name__)
+
+_CHUNK = 64 * 1024
+
+
+class UpstreamError(Exception):
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status  # 502 or 504
+        self.kind = kind  # connect | timeout | status | protocol
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An open origin response; `chunks` yields its body."""
+
+    response: aiohttp.ClientResponse
+    status: int
+
+    async def chunks(self, read_timeout: float) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                try:
+                    block = await asyncio.wait_for(self.response.content.read(_CHUNK), read_timeout)
+                except TimeoutError:
+                    raise UpstreamError(504, "timeout", "origin went silent mid-body") from None
+                if not block:
+                    return
+                yield block
+        finally:
+            self.response.release()
+
+
+class Cdn:
+    def __init__(
+        self,
+        base: str,
+        urls: SignedUrlCache,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        self.base = base.rstrip("/")  # "" means Edge's own /media (resolved per request)
+        self.urls = urls
+        self.session = session
+        self.metrics = metrics
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+
+    def signed_url(self, object_key: str, base: str | None = None) -> str:
+        """The signed URL of an object. Served from the cache within an expiry window."""
+        before = self.urls.signatures
+        url, _expires = self.urls.get(self.object_url(object_key, base), time.time())
+        self.metrics.signatures.labels(
+            "signed" if self.urls.signatures > before else "cached"
+        ).inc()
+        return url
+
+    def object_url(self, object_key: str, base: str | None = None) -> str:
+        """On the CDN: {CDN base}/{key}. On the local origin: {base}/media/{key}, where base is
+        "" for a redirect (same host) or Edge's own address for proxying."""
+        if self.base:
+            return f"{self.base}/{quote(object_key)}"
+        return f"{base or ''}/media/{quote(object_key)}"
+
+    async def fetch(
+        self, object_key: str, part: ByteRange | None, base: str | None = None
+    ) -> Upstream:
+        """Open a GET for the object (or one byte range of it)."""
+        url = self.signed_url(object_key, base)
+        headers = {"Range": f"bytes={part.start}-{part.end}"} if part is not None else {}
+        expected = 206 if part is not None else 200
+        for attempt in (1, 2):
+            started = time.perf_counter()
+            try:
+                response = await self.session.get(
+                    url,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, connect=self.connect_timeout, sock_read=self.read_timeout
+                    ),
+                    allow_redirects=False,
+                    auto_decompress=False,
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+                self.metrics.upstream_errors.labels("cdn", "connect").inc()
+                if attempt == 1:
+                    log.warning("upstream_retry", error=str(exc))
+                    continue
+                raise UpstreamError(502, "connect", f"origin unreachable: {exc}") from None
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                self.metrics.upstream_errors.labels("cdn", "timeout").inc()
+                raise UpstreamError(504, "timeout", "origin did not answer in time") from None
+            except aiohttp.ClientError as exc:
+                self.metrics.upstream_errors.labels("cdn", "protocol").inc()
+                raise UpstreamError(502, "protocol", f"origin error: {exc}") from None
+            self.metrics.upstream_duration.labels(f"{response.status // 100}xx").observe(
+                time.perf_counter() - started
+            )
+            if response.status != expected or not self._consistent(response, part):
+                status = response.status
+                response.release()
+                self.metrics.upstream_errors.labels("cdn", "status").inc()
+                raise UpstreamError(502, "status", f"origin answered {status}, expected {expected}")
+            return Upstream(response, response.status)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _consistent(response: aiohttp.ClientResponse, part: ByteRange | None) -> bool:
+        """The origin sent exactly the range asked for (never splice a different one)."""
+        if part is None:
+            return True
+        content_range = response.headers.get("Content-Range", "")
+        return content_range.startswith(f"bytes {part.start}-{part.end}/")

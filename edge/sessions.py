@@ -1,0 +1,271 @@
+"""Streaming sessions in Redis, per-user concurrent stream limits, and the play-count queue.
+
+A session (`streaming:session:{id}`, a hash, TTL 3600 s renewed on use) belongs to one user and
+records what it plays: track, chosen rendition, bytes served, measured throughput, buffer events,
+start and last-seen times, and which track was already counted as a play. It lives only in Redis,
+so any Edge process can continue it. Each user's active streams are a sorted set scored by when
+they stop counting as active (now + what is left of the track + a grace period).
+
+`/play` costs one Redis round trip on the response path: one script checks ownership and the
+stream limit and creates or renews the session, and returns its state for the quality choice.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from edge.cache import TTL_SESSION, session_key
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+ACTIVE_GRACE_SECONDS = 30
+PLAYS_QUEUE = "plays:queue"
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def device_session_id(secret: bytes, user_id: str, device: str) -> str:
+    """The session of a player that sends no `sid`: one per user and device (client address and
+    User-Agent), so its range requests and next tracks continue one session instead of opening
+    a new one each (and hitting the concurrent-stream limit). Keyed, so not guessable."""
+    digest = hmac.new(secret, f"{user_id}\x00{device}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+
+
+def valid_session_id(sid: str) -> bool:
+    if not 16 <= len(sid) <= 64:
+        return False
+    try:
+        base64.urlsafe_b64decode(sid + "=" * (-len(sid) % 4))
+    except ValueError:
+        return False
+    return all(c.isalnum() or c in "-_" for c in sid)
+
+
+def active_key(user_id: str) -> str:
+    return f"streaming:active:{user_id}"
+
+
+# KEYS: session, user's active set. ARGV: sid, user, track, now, ttl, limit, active_until, preload.
+_OPEN = """
+local owner = redis.call('HGET', KEYS[1], 'user')
+if owner and owner ~= ARGV[2] then return {'forbidden'} end
+local now = tonumber(ARGV[4])
+if ARGV[8] == '0' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+    local n = redis.call('ZCARD', KEYS[2])
+    if n >= tonumber(ARGV[6]) then return {'limit', tostring(n)} end
+  end
+  redis.call('ZADD', KEYS[2], ARGV[7], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
+if not owner then
+  redis.call('HSET', KEYS[1], 'user', ARGV[2], 'started', ARGV[4], 'bytes', 0)
+end
+if ARGV[8] == '0' then
+  redis.call('HSET', KEYS[1], 'track', ARGV[3], 'seen', ARGV[4])
+else
+  redis.call('HSET', KEYS[1], 'seen', ARGV[4])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+local state = redis.call('HGETALL', KEYS[1])
+table.insert(state, 1, owner and 'ok' or 'new')
+return state
+"""
+
+# KEYS: session, plays queue. ARGV: track, row. Once per session and track.
+_COUNT_PLAY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'counted') == ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'counted', ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: session. ARGV: field to increment (or ''), amount, then field/value pairs to set.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) end
+if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
+return 1
+"""
+
+# Take up to ARGV[1] queued plays atomically.
+_TAKE_PLAYS = """
+local rows = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+redis.call('LTRIM', KEYS[1], #rows, -1)
+return rows
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    sid: str
+    user_id: str
+    track_id: int | None
+    format: str | None
+    bitrate_kbps: int | None
+    bytes_served: int
+    throughput_kbps: float | None
+    throughput_at: float | None
+    buffer_events: int
+    last_buffer_at: float | None
+    started: float
+    counted_track: int | None
+    created: bool
+
+    @classmethod
+    def from_redis(cls, sid: str, flat: list[Any], created: bool) -> SessionState:
+        h = {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return cls(
+            sid=sid,
+            user_id=h.get("user", ""),
+            track_id=_int(h.get("track")),
+            format=h.get("format"),
+            bitrate_kbps=_int(h.get("bitrate")),
+            bytes_served=_int(h.get("bytes")) or 0,
+            throughput_kbps=_float(h.get("tput")),
+            throughput_at=_float(h.get("tput_at")),
+            buffer_events=_int(h.get("buf_n")) or 0,
+            last_buffer_at=_float(h.get("buf_at")),
+            started=_float(h.get("started")) or 0.0,
+            counted_track=_int(h.get("counted")),
+            created=created,
+        )
+
+
+class SessionError(Exception):
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(kind)
+        self.kind = kind  # "forbidden" | "limit"
+        self.detail = detail
+
+
+class Sessions:
+    def __init__(self, redis: Redis, prefix: str = "") -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self._open = redis.register_script(_OPEN)
+        self._count = redis.register_script(_COUNT_PLAY)
+        self._take = redis.register_script(_TAKE_PLAYS)
+        self._update = redis.register_script(_UPDATE)
+
+    def key(self, sid: str) -> str:
+        return self.prefix + session_key(sid)
+
+    async def open(
+        self,
+        sid: str | None,
+        user_id: str,
+        track_id: int,
+        *,
+        limit: int,
+        remaining_seconds: float,
+        preload: bool = False,
+        now: float | None = None,
+    ) -> SessionState:
+        """Continue `sid` (or start a session) for `user_id` playing `track_id`: one round trip."""
+        now = time.time() if now is None else now
+        sid = sid or new_session_id()
+        result = await self._open(
+            keys=[self.key(sid), self.prefix + active_key(user_id)],
+            args=[
+                sid,
+                user_id,
+                track_id,
+                f"{now:.3f}",
+                TTL_SESSION,
+                limit,
+                f"{now + remaining_seconds + ACTIVE_GRACE_SECONDS:.3f}",
+                1 if preload else 0,
+            ],
+        )
+        status = _s(result[0])
+        if status == "forbidden":
+            raise SessionError("forbidden")
+        if status == "limit":
+            raise SessionError("limit", _s(result[1]))
+        return SessionState.from_redis(sid, result[1:], status == "new")
+
+    async def update(
+        self, sid: str, fields: dict[str, str | int | float], incr: tuple[str, int] | None = None
+    ) -> bool:
+        """Set fields of a live session (an expired one is not resurrected)."""
+        args: list[str | int | float] = [incr[0], incr[1]] if incr else ["", 0]
+        for name, value in fields.items():
+            args += [name, value]
+        return bool(await self._update(keys=[self.key(sid)], args=args))
+
+    async def record_choice(self, sid: str, fmt: str, bitrate_kbps: int) -> None:
+        await self.update(sid, {"format": fmt, "bitrate": bitrate_kbps})
+
+    async def record_transfer(
+        self, sid: str, sent: int, kbps: float | None, now: float | None = None
+    ) -> None:
+        fields: dict[str, str | int | float] = {}
+        if kbps is not None:
+            fields = {
+                "tput": f"{kbps:.1f}",
+                "tput_at": f"{time.time() if now is None else now:.3f}",
+            }
+        await self.update(sid, fields, ("bytes", sent))
+
+    async def get_many(self, sids: list[str]) -> dict[str, dict[str, str]]:
+        """Sessions by id (missing ones absent), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hgetall(self.key(sid))
+            found = await pipe.execute()
+        return {
+            sid: {_s(k): _s(v) for k, v in h.items()}
+            for sid, h in zip(sids, found, strict=True)
+            if h
+        }
+
+    async def count_play(self, sid: str, row: dict[str, Any]) -> bool:
+        """Queue a play for the flush job unless this session already counted this track."""
+        counted = await self._count(
+            keys=[self.key(sid), self.prefix + PLAYS_QUEUE],
+            args=[row["track_id"], orjson.dumps(row)],
+        )
+        return int(counted) == 1
+
+    async def take_plays(self, batch: int) -> list[dict[str, Any]]:
+        rows = await self._take(keys=[self.prefix + PLAYS_QUEUE], args=[batch])
+        return [orjson.loads(r) for r in rows]
+
+    async def requeue_plays(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            await self.redis.lpush(
+                self.prefix + PLAYS_QUEUE, *(orjson.dumps(r) for r in reversed(rows))
+            )
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None

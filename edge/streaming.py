@@ -1,0 +1,170 @@
+"""Writing a representation, or byte ranges of it, to a client: 200, single-part 206 and
+multipart/byteranges 206, from any async source of bytes, with backpressure and exact lengths.
+
+Shared by the local media origin (bytes from a file) and proxy mode (bytes from the CDN), so both
+answer Range requests the same way. A source that ends early or fails mid-body aborts the client
+connection: a client must never take a short body for a complete one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from edge.ranges import (
+    ByteRange,
+    RangeDecision,
+    multipart_boundary,
+    multipart_content_type,
+    multipart_length,
+    multipart_parts,
+    multipart_trailer,
+)
+
+Source = Callable[[ByteRange | None], AsyncIterator[bytes]]
+
+
+class SourceFailed(Exception):
+    """The byte source failed, or ended early, after the response started."""
+
+    def __init__(self, sent: int, reason: str) -> None:
+        super().__init__(reason)
+        self.sent = sent
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    response: web.StreamResponse
+    bytes: int
+    outcome: str  # "ok" | "client_gone" | "source_failed"
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Representation:
+    size: int
+    content_type: str
+    etag: str | None
+    last_modified: str | None  # an HTTP-date
+
+
+def head_response(decision: RangeDecision, rep: Representation) -> web.Response:
+    """The headers a GET would have, without a body (HEAD, and 416)."""
+    headers = _common(rep)
+    if decision.status == 416:
+        headers["Content-Range"] = f"bytes */{rep.size}"
+        return web.Response(status=416, headers=headers)
+    length, ctype = _length_and_type(decision, rep, None)
+    headers["Content-Type"] = ctype
+    if decision.status == 206 and not decision.is_multipart:
+        headers["Content-Range"] = decision.ranges[0].content_range(rep.size)
+    response = web.Response(status=decision.status, headers=headers)
+    response.content_length = length
+    return response
+
+
+async def send(
+    request: web.Request,
+    decision: RangeDecision,
+    rep: Representation,
+    source: Source,
+    extra_headers: dict[str, str] | None = None,
+) -> Sent:
+    """Stream the decided ranges of the representation. A client that goes away, or a source
+    that fails mid-body (the connection is then aborted), is reported in the outcome: both are
+    facts of streaming life, not errors of the handler."""
+    boundary = multipart_boundary() if decision.is_multipart else None
+    length, ctype = _length_and_type(decision, rep, boundary)
+    response = web.StreamResponse(status=decision.status, headers=_common(rep))
+    if extra_headers:
+        response.headers.update(extra_headers)
+    response.content_type = ctype
+    response.content_length = length
+    if decision.status == 206 and boundary is None:
+        response.headers["Content-Range"] = decision.ranges[0].content_range(rep.size)
+    await response.prepare(request)
+    sent = 0
+    try:
+        if decision.status == 200:
+            sent += await _pump(response, source(None), rep.size, sent)
+        elif boundary is None:
+            sent += await _pump(
+                response, source(decision.ranges[0]), decision.ranges[0].length, sent
+            )
+        else:
+            for header, part in multipart_parts(
+                decision.ranges, rep.size, rep.content_type, boundary
+            ):
+                await response.write(header)
+                sent += len(header)
+                sent += await _pump(response, source(part), part.length, sent)
+            trailer = multipart_trailer(boundary)
+            await response.write(trailer)
+            sent += len(trailer)
+        await response.write_eof()
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        return Sent(response, sent, "client_gone")
+    except SourceFailed as exc:
+        _abort(request)
+        return Sent(response, exc.sent, "source_failed", exc.reason)
+    return Sent(response, sent, "ok")
+
+
+async def _pump(
+    response: web.StreamResponse, chunks: AsyncIterator[bytes], expected: int, sent_before: int
+) -> int:
+    got = 0
+    try:
+        async for chunk in chunks:
+            if got + len(chunk) > expected:
+                chunk = chunk[: expected - got]
+            if chunk:
+                # write() waits for the client to drain: backpressure, no unbounded buffer.
+                await response.write(chunk)
+                got += len(chunk)
+            if got >= expected:
+                break
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        raise
+    except Exception as exc:
+        raise SourceFailed(sent_before + got, f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    if got < expected:
+        raise SourceFailed(sent_before + got, f"source ended after {got} of {expected} bytes")
+    return got
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _common(rep: Representation) -> dict[str, str]:
+    headers = {"Accept-Ranges": "bytes"}
+    if rep.etag:
+        headers["ETag"] = rep.etag
+    if rep.last_modified:
+        headers["Last-Modified"] = rep.last_modified
+    return headers
+
+
+def _length_and_type(
+    decision: RangeDecision, rep: Representation, boundary: str | None
+) -> tuple[int, str]:
+    if decision.status == 200:
+        return rep.size, rep.content_type
+    if not decision.is_multipart:
+        return decision.ranges[0].length, rep.content_type
+    if boundary is None:
+        boundary = multipart_boundary()
+    return (
+        multipart_length(decision.ranges, rep.size, rep.content_type, boundary),
+        multipart_content_type(boundary),
+    )
