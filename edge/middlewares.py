@@ -106,13 +106,7 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         log.info("http_error", code=code, status=exc.status)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return json_error(exc.status, code, exc.reason, headers)
-    except (
-        asyncpg.PostgresConnectionStatusError,
-        asyncpg.CannotConnectNowError,
-        OSError,
-        asyncpg.InterfaceError,
-        TimeoutError,
-    ) as exc:
+    except _DB_UNAVAILABLE as exc:
         metrics.errors.labels("database_unavailable").inc()
         metrics.db_errors.labels("unavailable").inc()
         log.error("database_unavailable", error=f"{type(exc).__name__}: {exc}")
