@@ -17,7 +17,9 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app.on_response_prepare.append(echo_request_id)
-    app[keys.METRICS] = Metrics()
+    metrics = Metrics()
+    metrics.watch_pool(lambda: app.get(keys.PG_POOL))
+    app[keys.METRICS] = metrics
     app[media.ETAGS] = media.Etags()
     app[play.TRACK_INFOS] = play.TrackInfos()
     app.cleanup_ctx.extend(

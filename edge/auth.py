@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 import jwt
+import structlog
 from aiohttp import web
 
 from edge.errors import ApiError
@@ -94,11 +95,15 @@ def token_from(request: web.Request) -> str | None:
 def principal(request: web.Request, verifier: Verifier, allow_anonymous: bool) -> Principal:
     token = token_from(request)
     if token is not None:
-        return verifier.verify(token)
-    if allow_anonymous:
+        who = verifier.verify(token)
+    elif allow_anonymous:
         # Anonymous listeners share limits per client address.
-        return Principal(f"anon:{request.remote or 'unknown'}", "free", anonymous=True)
-    raise ApiError(401, "token_required", "a player token is required")
+        who = Principal(f"anon:{request.remote or 'unknown'}", "free", anonymous=True)
+    else:
+        raise ApiError(401, "token_required", "a player token is required")
+    # The request's log lines (the access line too) say who asked; never the token.
+    structlog.contextvars.bind_contextvars(user_id=who.user_id, tier=who.tier)
+    return who
 
 
 def issue(secret: str, user_id: str, tier: Tier, ttl: int = 3600, now: float | None = None) -> str:

@@ -16,7 +16,9 @@ from typing import Any
 
 import asyncpg
 import orjson
+from aiohttp import web
 
+from edge import keys
 from edge.metrics import Metrics
 
 MAX_BIGINT = 2**63 - 1
@@ -261,27 +263,56 @@ class Page:
 class Catalog:
     """Typed query functions over a pool. A connection is held only for one statement."""
 
-    def __init__(self, pool: asyncpg.Pool, metrics: Metrics, acquire_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        metrics: Metrics,
+        acquire_timeout: float = 30.0,
+        slow_query_seconds: float = 0.1,
+    ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.acquire_timeout = acquire_timeout
+        self.slow_query_seconds = slow_query_seconds
+
+    @classmethod
+    def of(cls, app: web.Application) -> Catalog:
+        settings = app[keys.SETTINGS]
+        return cls(
+            app[keys.PG_POOL],
+            app[keys.METRICS],
+            settings.db_pool_acquire_timeout,
+            settings.slow_query_ms / 1000,
+        )
+
+    async def _run(self, name: str, method: str, sql: str, args: tuple[Any, ...]) -> Any:
+        m = self.metrics
+        waiting_since = time.perf_counter()
+        m.db_pool_waiters.inc()
+        waiting = True
+        try:
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+                m.db_pool_waiters.dec()
+                waiting = False
+                started = time.perf_counter()
+                m.db_acquire_duration.observe(started - waiting_since)
+                try:
+                    return await getattr(conn, method)(sql, *args)
+                finally:
+                    elapsed = time.perf_counter() - started
+                    m.db_query_duration.labels(name).observe(elapsed)
+                    if elapsed >= self.slow_query_seconds:
+                        m.db_slow_queries.labels(name).inc()
+        finally:
+            if waiting:
+                m.db_pool_waiters.dec()
 
     async def _fetch(self, name: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-        started = time.perf_counter()
-        try:
-            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
-                rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
-            return rows
-        finally:
-            self.metrics.db_query_duration.labels(name).observe(time.perf_counter() - started)
+        rows: list[asyncpg.Record] = await self._run(name, "fetch", sql, args)
+        return rows
 
     async def _fetchval(self, name: str, sql: str, *args: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
-                return await conn.fetchval(sql, *args)
-        finally:
-            self.metrics.db_query_duration.labels(name).observe(time.perf_counter() - started)
+        return await self._run(name, "fetchval", sql, args)
 
     async def _doc(self, name: str, sql: str, *args: Any) -> bytes | None:
         doc = await self._fetchval(name, sql, *args)

@@ -62,9 +62,7 @@ async def refresh_popular(pool: asyncpg.Pool, metrics: Metrics, min_age: float =
 
 
 async def warm_popular(app: web.Application) -> None:
-    catalog = Catalog(
-        app[keys.PG_POOL], app[keys.METRICS], app[keys.SETTINGS].db_pool_acquire_timeout
-    )
+    catalog = Catalog.of(app)
     cache: Cache = app[keys.CACHE]
     for limit in app[keys.SETTINGS].popular_warm_limits:
 
@@ -146,6 +144,30 @@ async def _flush_loop(app: web.Application) -> None:
             log.exception("plays_flush_failed")
 
 
+LAG_TICK_SECONDS = 0.25
+ACTIVE_REFRESH_SECONDS = 10.0
+
+
+async def _lag_ticker(app: web.Application) -> None:
+    """How late a timer fires is how long something blocked the event loop."""
+    loop = asyncio.get_running_loop()
+    histogram = app[keys.METRICS].loop_lag
+    while True:
+        expected = loop.time() + LAG_TICK_SECONDS
+        await asyncio.sleep(LAG_TICK_SECONDS)
+        histogram.observe(max(0.0, loop.time() - expected))
+
+
+async def _active_sessions_loop(app: web.Application) -> None:
+    """The cluster-wide active-session gauge, from Redis on a timer (never per scrape)."""
+    while True:
+        try:
+            app[keys.METRICS].active_sessions.set(await app[keys.SESSIONS].active_count())
+        except Exception as exc:  # Redis down: the cache logs the outage; keep the last value
+            log.debug("active_sessions_unavailable", error=str(exc))
+        await asyncio.sleep(ACTIVE_REFRESH_SECONDS)
+
+
 async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         await warm_popular(app)
@@ -154,6 +176,8 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(_refresh_loop(app), name="refresh-popular"),
         asyncio.create_task(_flush_loop(app), name="flush-plays"),
+        asyncio.create_task(_lag_ticker(app), name="loop-lag"),
+        asyncio.create_task(_active_sessions_loop(app), name="active-sessions"),
     ]
     yield
     for task in tasks:

@@ -5,15 +5,45 @@ Label values are bounded: route names (never raw paths), status classes, cache n
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class PoolCollector(Collector):
+    """The PostgreSQL pool's size, read at scrape time (cheap: counters asyncpg keeps)."""
+
+    def __init__(self, pool: Callable[[], Any]) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        pool = self.pool()
+        if pool is None:
+            return
+        size, idle = pool.get_size(), pool.get_idle_size()
+        yield GaugeMetricFamily("edge_db_pool_size", "Connections open in the pool", size)
+        yield GaugeMetricFamily("edge_db_pool_idle", "Idle pooled connections", idle)
+        yield GaugeMetricFamily("edge_db_pool_in_use", "Pooled connections in use", size - idle)
+        yield GaugeMetricFamily("edge_db_pool_max", "Pool size limit", pool.get_max_size())
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Resident memory, CPU seconds, open file descriptors of this process.
+        ProcessCollector(registry=r)
+        self.loop_lag = Histogram(
+            "edge_event_loop_lag_seconds",
+            "How late a 0.25 s timer fires: blocking in the loop",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.http_requests = Counter(
             "edge_http_requests", "HTTP responses sent", ["route", "method", "status"], registry=r
         )
@@ -54,6 +84,21 @@ class Metrics:
             "Catalog query time by named query",
             ["query"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.db_acquire_duration = Histogram(
+            "edge_db_pool_acquire_seconds",
+            "Time waiting for a pooled connection",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.db_pool_waiters = Gauge(
+            "edge_db_pool_waiters", "Requests waiting for a pooled connection", registry=r
+        )
+        self.db_slow_queries = Counter(
+            "edge_db_slow_queries",
+            "Catalog queries slower than EDGE_SLOW_QUERY_MS",
+            ["query"],
             registry=r,
         )
         self.db_errors = Counter(
@@ -136,3 +181,11 @@ class Metrics:
         self.plays_flushed = Counter(
             "edge_plays_flushed", "Plays written to PostgreSQL by the flush job", registry=r
         )
+        self.active_sessions = Gauge(
+            "edge_stream_sessions_active",
+            "Streaming sessions active across the cluster (from Redis, refreshed periodically)",
+            registry=r,
+        )
+
+    def watch_pool(self, pool: Callable[[], Any]) -> None:
+        self.registry.register(PoolCollector(pool))

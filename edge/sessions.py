@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 ACTIVE_GRACE_SECONDS = 30
 PLAYS_QUEUE = "plays:queue"
+# Every active stream of the cluster (sid scored by when it stops counting), for the gauge.
+ACTIVE_ALL = "streaming:active"
 
 
 def new_session_id() -> str:
@@ -57,7 +59,8 @@ def active_key(user_id: str) -> str:
     return f"streaming:active:{user_id}"
 
 
-# KEYS: session, user's active set. ARGV: sid, user, track, now, ttl, limit, active_until, preload.
+# KEYS: session, user's active set, everybody's active set.
+# ARGV: sid, user, track, now, ttl, limit, active_until, preload.
 _OPEN = """
 local owner = redis.call('HGET', KEYS[1], 'user')
 if owner and owner ~= ARGV[2] then return {'forbidden'} end
@@ -70,6 +73,7 @@ if ARGV[8] == '0' then
   end
   redis.call('ZADD', KEYS[2], ARGV[7], ARGV[1])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
+  redis.call('ZADD', KEYS[3], ARGV[7], ARGV[1])
 end
 if not owner then
   redis.call('HSET', KEYS[1], 'user', ARGV[2], 'started', ARGV[4], 'bytes', 0)
@@ -180,7 +184,7 @@ class Sessions:
         now = time.time() if now is None else now
         sid = sid or new_session_id()
         result = await self._open(
-            keys=[self.key(sid), self.prefix + active_key(user_id)],
+            keys=[self.key(sid), self.prefix + active_key(user_id), self.prefix + ACTIVE_ALL],
             args=[
                 sid,
                 user_id,
@@ -221,6 +225,21 @@ class Sessions:
                 "tput_at": f"{time.time() if now is None else now:.3f}",
             }
         await self.update(sid, fields, ("bytes", sent))
+
+    async def stop(self, sid: str, user_id: str) -> None:
+        """The player paused or ended: its stream no longer takes a slot."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.prefix + active_key(user_id), sid)
+            pipe.zrem(self.prefix + ACTIVE_ALL, sid)
+            await pipe.execute()
+
+    async def active_count(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(self.prefix + ACTIVE_ALL, "-inf", now)
+            pipe.zcard(self.prefix + ACTIVE_ALL)
+            _, count = await pipe.execute()
+        return int(count)
 
     async def get_many(self, sids: list[str]) -> dict[str, dict[str, str]]:
         """Sessions by id (missing ones absent), in one round trip."""

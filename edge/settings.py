@@ -87,6 +87,7 @@ class Settings:
     upstream_read_timeout: float = 10.0
     plays_flush_seconds: float = 5.0
     play_threshold_seconds: float = 30.0
+    slow_query_ms: float = 100.0
 
     @property
     def embedded_postgres(self) -> bool:
@@ -195,6 +196,7 @@ class Settings:
             upstream_read_timeout=e.number("EDGE_UPSTREAM_READ_TIMEOUT", 10.0, minimum=0.01),
             plays_flush_seconds=e.number("EDGE_PLAYS_FLUSH_SECONDS", 5.0, minimum=0.05),
             play_threshold_seconds=e.number("EDGE_PLAY_THRESHOLD_SECONDS", 30.0, minimum=0.0),
+            slow_query_ms=e.number("EDGE_SLOW_QUERY_MS", 100.0, minimum=0.0),
         )
 
 

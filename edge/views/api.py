@@ -23,10 +23,7 @@ routes = web.RouteTableDef()
 
 
 def _catalog(request: web.Request) -> Catalog:
-    settings = request.app[keys.SETTINGS]
-    return Catalog(
-        request.app[keys.PG_POOL], request.app[keys.METRICS], settings.db_pool_acquire_timeout
-    )
+    return Catalog.of(request.app)
 
 
 def _id(request: web.Request, name: str = "id") -> int:

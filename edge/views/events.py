@@ -19,7 +19,7 @@ from aiohttp import web
 
 from edge import auth, keys
 from edge.errors import ApiError, bad_request
-from edge.sessions import SessionState, active_key, valid_session_id
+from edge.sessions import SessionState, valid_session_id
 from edge.views.play import count_play
 
 log = structlog.get_logger("edge.player")
@@ -182,7 +182,7 @@ async def _apply(
             if await count_play(app, session, int(track), rendition, "event"):
                 state["counted"] = track
     elif e.type in ("paused", "ended"):
-        await sessions.redis.zrem(sessions.prefix + active_key(state["user"]), e.sid)
+        await sessions.stop(e.sid, state["user"])
 
 
 def _flat(h: dict[str, str]) -> list[str]:

@@ -73,7 +73,7 @@ TRACK_INFOS = web.AppKey("track_infos", TrackInfos)
 
 
 def _catalog(app: web.Application) -> Catalog:
-    return Catalog(app[keys.PG_POOL], app[keys.METRICS], app[keys.SETTINGS].db_pool_acquire_timeout)
+    return Catalog.of(app)
 
 
 async def load_track(app: web.Application, track_id: int) -> TrackInfo | None:
