@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from edge import keys
+from edge.alerts import Alerts
 from edge.jobs import jobs_ctx
 from edge.metrics import Metrics
 from edge.middlewares import echo_request_id, observe
@@ -20,6 +21,7 @@ def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     metrics.watch_pool(lambda: app.get(keys.PG_POOL))
     app[keys.METRICS] = metrics
+    app[keys.ALERTS] = Alerts(settings, metrics)
     app[media.ETAGS] = media.Etags()
     app[play.TRACK_INFOS] = play.TrackInfos()
     app.cleanup_ctx.extend(

@@ -131,6 +131,7 @@ class Cache:
         l1: bool = False,
     ) -> Entry | None:
         """The cached entry, or the loader's result (None: not found, not cached)."""
+        self.metrics.cache_lookups.labels(cache).inc()
         slot = (key, field)
         if l1:
             hit = self._l1_get(slot)

@@ -168,6 +168,17 @@ async def _active_sessions_loop(app: web.Application) -> None:
         await asyncio.sleep(ACTIVE_REFRESH_SECONDS)
 
 
+async def _alerts_loop(app: web.Application) -> None:
+    alerts = app[keys.ALERTS]
+    interval = app[keys.SETTINGS].alert_interval_seconds
+    while True:
+        await asyncio.sleep(interval)  # the schedule itself
+        try:
+            alerts.evaluate()
+        except Exception:
+            log.exception("alerts_failed")
+
+
 async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         await warm_popular(app)
@@ -177,6 +188,7 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(_refresh_loop(app), name="refresh-popular"),
         asyncio.create_task(_flush_loop(app), name="flush-plays"),
         asyncio.create_task(_lag_ticker(app), name="loop-lag"),
+        asyncio.create_task(_alerts_loop(app), name="alerts"),
         asyncio.create_task(_active_sessions_loop(app), name="active-sessions"),
     ]
     yield

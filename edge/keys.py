@@ -7,6 +7,7 @@ import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
 
+from edge.alerts import Alerts
 from edge.auth import Verifier
 from edge.background import Background
 from edge.cache import Cache
@@ -30,3 +31,4 @@ LOCAL_SIGNER = web.AppKey("local_signer", LocalSigner)
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 BACKGROUND = web.AppKey("background", Background)
 SESSION_SECRET = web.AppKey("session_secret", bytes)
+ALERTS = web.AppKey("alerts", Alerts)

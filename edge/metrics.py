@@ -64,6 +64,12 @@ class Metrics:
             ["cache", "level", "result"],
             registry=r,
         )
+        self.cache_lookups = Counter(
+            "edge_cache_lookups",
+            "Cache look-ups by cache (hit rate = 1 - loads / lookups)",
+            ["cache"],
+            registry=r,
+        )
         self.cache_loads = Counter(
             "edge_cache_loads",
             "Loads from PostgreSQL after a miss (single-flight)",
@@ -185,6 +191,10 @@ class Metrics:
             "edge_stream_sessions_active",
             "Streaming sessions active across the cluster (from Redis, refreshed periodically)",
             registry=r,
+        )
+
+        self.alert_firing = Gauge(
+            "edge_alert_firing", "1 while the in-process alert fires", ["alert"], registry=r
         )
 
     def watch_pool(self, pool: Callable[[], Any]) -> None:

@@ -80,6 +80,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = _route_name(request)
         metrics.http_requests.labels(route, request.method, str(status)).inc()
         metrics.http_duration.labels(route, request.method, f"{status // 100}xx").observe(elapsed)
+        if route != "metrics":
+            request.app[keys.ALERTS].observe_response(elapsed)
         log.info(
             "request",
             method=request.method,

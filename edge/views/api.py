@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import web
 
 from edge import auth, keys
@@ -199,6 +200,12 @@ async def recommendations(request: web.Request) -> web.Response:
         lambda: _paged(lambda: catalog.recommendations(user_id, limit)),
     )
     return respond(request, entry, "recommendations")
+
+
+@routes.get("/api/v1/alerts", name="api_alerts")
+async def alerts(request: web.Request) -> web.Response:
+    body = orjson.dumps({"items": request.app[keys.ALERTS].as_json(), "next_cursor": None})
+    return web.Response(body=body, content_type=JSON, headers={"Cache-Control": "no-store"})
 
 
 def _uncached(body: bytes | None) -> Entry | None:
