@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
 from aiohttp import web
 
 from edge import keys
 from edge.alerts import Alerts
+from edge.dashboard import Sampler
 from edge.jobs import jobs_ctx
 from edge.metrics import Metrics
-from edge.middlewares import echo_request_id, observe
+from edge.middlewares import echo_request_id, observe, security_headers
 from edge.resources import embedded_ctx, postgres_ctx, redis_ctx, schema_ctx, streaming_ctx
 from edge.settings import Settings
 from edge.views import api, events, media, ops, play
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "templates"
+STATIC = ROOT / "static"
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -22,6 +31,9 @@ def create_app(settings: Settings) -> web.Application:
     metrics.watch_pool(lambda: app.get(keys.PG_POOL))
     app[keys.METRICS] = metrics
     app[keys.ALERTS] = Alerts(settings, metrics)
+    app[keys.SAMPLER] = Sampler(metrics, app[keys.ALERTS])
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
+    app.on_response_prepare.append(security_headers)
     app[media.ETAGS] = media.Etags()
     app[play.TRACK_INFOS] = play.TrackInfos()
     app.cleanup_ctx.extend(
@@ -32,4 +44,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(play.routes)
     app.router.add_routes(events.routes)
     app.router.add_routes(media.routes)
+    app.router.add_static("/static", STATIC, name="static")
     return app

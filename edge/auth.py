@@ -13,11 +13,13 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import jwt
 import structlog
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edge.errors import ApiError
 
@@ -41,9 +43,19 @@ class TokenError(ApiError):
 
 class Verifier:
     def __init__(self, secret: str = "", public_key: str = "") -> None:
+        self.key: Any
         if public_key:
-            self.key: str = public_key
-            self.algorithms = ["RS256", "ES256"]
+            # The key's own type fixes the one algorithm accepted (no key confusion).
+            try:
+                self.key = serialization.load_pem_public_key(public_key.encode())
+            except ValueError:
+                raise ValueError("EDGE_JWT_PUBLIC_KEY is not a PEM public key") from None
+            if isinstance(self.key, rsa.RSAPublicKey):
+                self.algorithms = ["RS256"]
+            elif isinstance(self.key, ec.EllipticCurvePublicKey):
+                self.algorithms = ["ES256"]
+            else:
+                raise ValueError("EDGE_JWT_PUBLIC_KEY must be an RSA or EC (P-256) key")
         elif secret:
             self.key = secret
             self.algorithms = ["HS256"]
@@ -66,7 +78,7 @@ class Verifier:
             raise TokenError("token expired") from None
         except jwt.InvalidAlgorithmError:
             raise TokenError("token algorithm not accepted") from None
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:  # InvalidTokenError, InvalidKeyError, ...
             raise TokenError(f"invalid token: {exc}") from None
         sub, tier = claims.get("sub"), claims.get("tier", "free")
         if not isinstance(sub, str) or not 0 < len(sub) <= 128:

@@ -196,8 +196,8 @@ WITH mine AS (
                         ORDER BY play_count DESC, id DESC LIMIT 100) c
 ), ranked AS (
     SELECT id, sum(score) AS score, max(play_count) AS play_count
-    FROM candidates
-    WHERE id NOT IN (SELECT track_id FROM mine)
+    FROM candidates c
+    WHERE NOT EXISTS (SELECT 1 FROM plays p WHERE p.user_id = $1 AND p.track_id = c.id)
     GROUP BY id
     ORDER BY score DESC, play_count DESC, id DESC
     LIMIT $2
@@ -207,6 +207,17 @@ FROM ranked
 JOIN tracks t ON t.id = ranked.id
 {TRACK_JOINS}
 ORDER BY ranked.score DESC, ranked.play_count DESC, ranked.id DESC
+"""
+
+# Cold start, or nothing left to suggest: the popular list, less what the user has heard.
+POPULAR_UNHEARD_SQL = f"""
+SELECT json_build_object({TRACK_FIELDS})::text AS doc
+FROM popular_tracks_mv p
+JOIN tracks t ON t.id = p.track_id
+{TRACK_JOINS}
+WHERE NOT EXISTS (SELECT 1 FROM plays x WHERE x.user_id = $1 AND x.track_id = p.track_id)
+ORDER BY p.rank
+LIMIT $2
 """
 
 REFRESH_POPULAR_SQL = "REFRESH MATERIALIZED VIEW CONCURRENTLY popular_tracks_mv"
@@ -394,8 +405,10 @@ class Catalog:
 
     async def recommendations(self, user_id: str, limit: int) -> Page:
         rows = await self._fetch("recommendations", RECOMMENDATIONS_SQL, user_id, limit)
-        if not rows:  # cold start: what everybody plays
-            return Page((await self.popular(limit, None)).docs, None)
+        if len(rows) < limit:
+            seen = {r["doc"] for r in rows}
+            more = await self._fetch("popular_unheard", POPULAR_UNHEARD_SQL, user_id, limit)
+            rows += [r for r in more if r["doc"] not in seen][: limit - len(rows)]
         return Page([r["doc"].encode() for r in rows], None)
 
     async def search(self, query: str, limit: int, cursor: str | None) -> Page:

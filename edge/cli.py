@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import asyncpg
 import structlog
+from aiohttp import web
 
 from edge import logs
 from edge.settings import Settings, SettingsError
@@ -34,8 +36,6 @@ async def _database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from edge.app import create_app
 
     settings = settings.with_(
@@ -46,21 +46,44 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
         uvloop.install()
     app = create_app(settings)
-    log.info(
-        "serving",
-        url=f"http://{settings.host}:{settings.port}/",
-        embedded_postgres=settings.embedded_postgres,
-        embedded_redis=settings.embedded_redis,
-    )
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=10,
-    )
+    with contextlib.suppress(asyncio.CancelledError):  # stopped by a signal while starting
+        asyncio.run(_run(app, settings))
     return 0
+
+
+async def _run(app: web.Application, settings: Settings) -> None:
+    """Start, serve until SIGINT/SIGTERM, stop. Unlike web.run_app, a start that fails or is
+    interrupted half-way still leaves every started resource, in reverse order (runner.cleanup
+    runs the cleanup contexts that were entered)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    stop = asyncio.Event()
+    started = False
+
+    def on_signal() -> None:
+        if stop.is_set():
+            return
+        stop.set()
+        if not started and main is not None:
+            main.cancel()  # interrupt the start itself (e.g. seeding the demo catalog)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await runner.setup()
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        started = True
+        log.info(
+            "serving",
+            url=f"http://{settings.host}:{settings.port}/",
+            embedded_postgres=settings.embedded_postgres,
+            embedded_redis=settings.embedded_redis,
+        )
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -131,7 +132,11 @@ def _prepare_pgdata(pgdata: Path, user: str | None) -> None:
     os.chmod(pgdata, 0o700)
     if (pgdata / "PG_VERSION").exists():
         return
-    subprocess.run(
+    ids: dict[str, Any] = {}
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        ids = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    result = subprocess.run(
         [
             str(_pg_bin() / "initdb"),
             "-D",
@@ -142,11 +147,13 @@ def _prepare_pgdata(pgdata: Path, user: str | None) -> None:
             "-U",
             "postgres",
         ],
-        check=True,
         capture_output=True,
-        user=user,
         timeout=120,
+        **ids,
     )
+    if result.returncode != 0:
+        stderr = result.stderr.decode(errors="replace")[-2000:]
+        raise RuntimeError(f"initdb failed ({result.returncode}): {stderr}")
 
 
 async def _wait_pg_ready(port: int, proc: asyncio.subprocess.Process, timeout: float) -> None:

@@ -179,6 +179,19 @@ async def _alerts_loop(app: web.Application) -> None:
             log.exception("alerts_failed")
 
 
+SAMPLE_SECONDS = 2.0
+
+
+async def _sampler_loop(app: web.Application) -> None:
+    sampler = app[keys.SAMPLER]
+    while True:
+        try:
+            sampler.sample()
+        except Exception:
+            log.exception("dashboard_sample_failed")
+        await asyncio.sleep(SAMPLE_SECONDS)  # the schedule itself
+
+
 async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         await warm_popular(app)
@@ -189,6 +202,7 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(_flush_loop(app), name="flush-plays"),
         asyncio.create_task(_lag_ticker(app), name="loop-lag"),
         asyncio.create_task(_alerts_loop(app), name="alerts"),
+        asyncio.create_task(_sampler_loop(app), name="dashboard-sampler"),
         asyncio.create_task(_active_sessions_loop(app), name="active-sessions"),
     ]
     yield

@@ -12,6 +12,7 @@ from edge.auth import Verifier
 from edge.background import Background
 from edge.cache import Cache
 from edge.cdn import Cdn
+from edge.dashboard import Sampler
 from edge.metrics import Metrics
 from edge.sessions import Sessions
 from edge.settings import Settings
@@ -32,3 +33,4 @@ HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 BACKGROUND = web.AppKey("background", Background)
 SESSION_SECRET = web.AppKey("session_secret", bytes)
 ALERTS = web.AppKey("alerts", Alerts)
+SAMPLER = web.AppKey("sampler", Sampler)

@@ -49,7 +49,7 @@ class Metrics:
         )
         self.http_duration = Histogram(
             "edge_http_request_duration_seconds",
-            "Time from request to response start",
+            "Time to handle a request (for streamed audio: until the body was sent)",
             ["route", "method", "status_class"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -196,6 +196,21 @@ class Metrics:
         self.alert_firing = Gauge(
             "edge_alert_firing", "1 while the in-process alert fires", ["alert"], registry=r
         )
+
+        # Known label values exist from the start, so rate() sees the first increment.
+        for kind in ("connect", "timeout", "protocol", "status", "mid_body"):
+            self.upstream_errors.labels("cdn", kind)
+        for cache in ("track", "popular", "search", "album", "playlist", "recommendations"):
+            self.cache_lookups.labels(cache)
+            self.cache_loads.labels(cache)
+            for level, result in (
+                ("l1", "hit"),
+                ("l1", "miss"),
+                ("redis", "hit"),
+                ("redis", "miss"),
+                ("redis", "error"),
+            ):
+                self.cache_requests.labels(cache, level, result)
 
     def watch_pool(self, pool: Callable[[], Any]) -> None:
         self.registry.register(PoolCollector(pool))

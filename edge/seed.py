@@ -169,12 +169,18 @@ def _encode_demo_track(track: DemoTrack, media_root: Path) -> list[RenditionFile
 async def encode_all(tracks: Sequence[DemoTrack], media_root: Path) -> list[list[RenditionFile]]:
     """Encode in worker threads (PyAV releases the GIL), never on the event loop."""
     loop = asyncio.get_running_loop()
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode") as pool:
-        return list(
-            await asyncio.gather(
-                *(loop.run_in_executor(pool, _encode_demo_track, t, media_root) for t in tracks)
-            )
-        )
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+    futures = [loop.run_in_executor(pool, _encode_demo_track, t, media_root) for t in tracks]
+    try:
+        return list(await asyncio.gather(*futures))
+    except BaseException:
+        # One failure (or a stop) ends the whole seed: drop what has not started yet.
+        for f in futures:
+            f.cancel()
+        raise
+    finally:
+        # Never wait for running encodes on the event loop.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def seed_demo_if_empty(conn: asyncpg.Connection, media_root: Path) -> bool:

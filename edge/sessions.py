@@ -65,7 +65,8 @@ _OPEN = """
 local owner = redis.call('HGET', KEYS[1], 'user')
 if owner and owner ~= ARGV[2] then return {'forbidden'} end
 local now = tonumber(ARGV[4])
-if ARGV[8] == '0' then
+-- A preload rides on an existing session; one that would open a new session takes a slot.
+if ARGV[8] == '0' or not owner then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
     local n = redis.call('ZCARD', KEYS[2])

@@ -8,6 +8,7 @@ variable (`SettingsError`); secrets are masked in `repr` so they never reach a l
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -159,7 +160,7 @@ class Settings:
             redis_url=_redis_url(e),
             redis_timeout=e.number("EDGE_REDIS_TIMEOUT", 0.5, minimum=0.001),
             aws_access_key_id=e.text("AWS_ACCESS_KEY_ID", ""),
-            aws_secret_access_key=Secret(e.text("AWS_SECRET_ACCESS_KEY", "")),
+            aws_secret_access_key=Secret(e.secret("AWS_SECRET_ACCESS_KEY")),
             aws_region=e.text("AWS_REGION", "us-east-1"),
             aws_s3_bucket=e.text("AWS_S3_BUCKET", ""),
             aws_endpoint_url=e.url("EDGE_S3_ENDPOINT_URL", ""),
@@ -184,15 +185,15 @@ class Settings:
             cache_l1_size=e.integer("EDGE_CACHE_L1_SIZE", 2048, minimum=0),
             cache_ttl_jitter=e.number("EDGE_CACHE_TTL_JITTER", 0.1, minimum=0.0, maximum=0.5),
             redis_retry_seconds=e.number("EDGE_REDIS_RETRY_SECONDS", 1.0, minimum=0.0),
-            jwt_secret=Secret(e.text("EDGE_JWT_SECRET", "")),
-            jwt_public_key=e.text("EDGE_JWT_PUBLIC_KEY", "").replace("\\n", "\n"),
+            jwt_secret=Secret(e.secret("EDGE_JWT_SECRET")),
+            jwt_public_key=_public_key(e),
             allow_anonymous=(
                 None
                 if e.raw("EDGE_ALLOW_ANONYMOUS") is None
                 else e.flag("EDGE_ALLOW_ANONYMOUS", False)
             ),
             play_mode=e.choice("EDGE_PLAY_MODE", "redirect", ("redirect", "proxy")),
-            media_secret=Secret(e.text("EDGE_MEDIA_SECRET", "")),
+            media_secret=Secret(e.secret("EDGE_MEDIA_SECRET")),
             cdn_url=e.url("EDGE_CDN_URL", ""),
             signed_url_lifetime=e.integer("EDGE_SIGNED_URL_LIFETIME", 3600, minimum=60),
             signed_url_window=e.integer("EDGE_SIGNED_URL_WINDOW", 300, minimum=1),
@@ -222,6 +223,11 @@ class _Env:
             return None
         return value.strip()
 
+    def secret(self, name: str) -> str:
+        """Secrets are taken as they are: spaces may be part of a password."""
+        value = self.env.get(name)
+        return "" if value is None or value.strip() == "" else value
+
     def text(self, name: str, default: str) -> str:
         value = self.raw(name)
         return default if value is None else value
@@ -242,6 +248,8 @@ class _Env:
             number = parse(value)
         except ValueError:
             raise SettingsError(f"{name}: {value!r} is not {kind}") from None
+        if isinstance(number, float) and not math.isfinite(number):
+            raise SettingsError(f"{name}: {value!r} is not a finite number")
         if minimum is not None and number < minimum:  # type: ignore[operator]
             raise SettingsError(f"{name}: {value} is below the minimum {minimum}")
         if maximum is not None and number > maximum:  # type: ignore[operator]
@@ -291,6 +299,22 @@ class _Env:
         return value
 
 
+def _public_key(e: _Env) -> str:
+    pem = e.text("EDGE_JWT_PUBLIC_KEY", "").replace("\\n", "\n")
+    if not pem:
+        return ""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except ValueError:
+        raise SettingsError("EDGE_JWT_PUBLIC_KEY: not a PEM public key") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise SettingsError("EDGE_JWT_PUBLIC_KEY: must be an RSA or EC (P-256) public key")
+    return pem
+
+
 def _stream_limits(value: str) -> tuple[tuple[str, int], ...]:
     limits = dict((("free", 1), ("premium", 3), ("hifi", 3)))
     for part in value.split(","):
@@ -304,6 +328,13 @@ def _stream_limits(value: str) -> tuple[tuple[str, int], ...]:
     return tuple(limits.items())
 
 
+def _refuse_without_host(e: _Env, host: str, others: tuple[str, ...]) -> None:
+    """DB_PORT without DB_HOST would silently fall back to the embedded server: refuse."""
+    given = [name for name in others if e.raw(name) is not None]
+    if given:
+        raise SettingsError(f"{host}: required when {', '.join(given)} is set")
+
+
 def _database_url(e: _Env) -> Secret | None:
     url = e.raw("DATABASE_URL")
     if url is not None:
@@ -312,10 +343,12 @@ def _database_url(e: _Env) -> Secret | None:
         return Secret(url)
     host = e.raw("DB_HOST")
     if host is None:
+        _refuse_without_host(e, "DB_HOST", ("DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_NAME"))
         return None
+    host = f"[{host}]" if ":" in host else host
     port = e.integer("DB_PORT", 5432, minimum=1, maximum=65535)
     user = quote(e.text("DB_USERNAME", "postgres"), safe="")
-    password = e.text("DB_PASSWORD", "")
+    password = e.secret("DB_PASSWORD")
     auth = f"{user}:{quote(password, safe='')}" if password else user
     name = quote(e.text("DB_NAME", "edge"), safe="")
     return Secret(f"postgresql://{auth}@{host}:{port}/{name}")
@@ -329,10 +362,12 @@ def _redis_url(e: _Env) -> Secret | None:
         return Secret(url)
     host = e.raw("REDIS_HOST")
     if host is None:
+        _refuse_without_host(e, "REDIS_HOST", ("REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB"))
         return None
+    host = f"[{host}]" if ":" in host else host
     port = e.integer("REDIS_PORT", 6379, minimum=1, maximum=65535)
     db = e.integer("REDIS_DB", 0, minimum=0)
-    password = e.text("REDIS_PASSWORD", "")
+    password = e.secret("REDIS_PASSWORD")
     auth = f":{quote(password, safe='')}@" if password else ""
     return Secret(f"redis://{auth}{host}:{port}/{db}")
 

@@ -61,9 +61,9 @@ def head_response(decision: RangeDecision, rep: Representation) -> web.Response:
     headers["Content-Type"] = ctype
     if decision.status == 206 and not decision.is_multipart:
         headers["Content-Range"] = decision.ranges[0].content_range(rep.size)
-    response = web.Response(status=decision.status, headers=headers)
-    response.content_length = length
-    return response
+    # aiohttp computes Content-Length from the (empty) body unless the header is given.
+    headers["Content-Length"] = str(length)
+    return web.Response(status=decision.status, headers=headers)
 
 
 async def send(

@@ -58,10 +58,12 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     return etag in tags
 
 
-def respond(request: web.Request, entry: Entry | None, what: str) -> web.Response:
+def respond(
+    request: web.Request, entry: Entry | None, what: str, cache_control: str = "public, max-age=30"
+) -> web.Response:
     if entry is None:
         raise not_found(what)
-    headers = {"ETag": entry.etag, "Cache-Control": "public, max-age=30"}
+    headers = {"ETag": entry.etag, "Cache-Control": cache_control}
     if _matches(request.headers.get("If-None-Match"), entry.etag):
         return web.Response(status=304, headers=headers)
     return web.Response(body=entry.body, headers=headers, content_type=JSON)
@@ -199,7 +201,8 @@ async def recommendations(request: web.Request) -> web.Response:
         ck.TTL_RECOMMENDATIONS,
         lambda: _paged(lambda: catalog.recommendations(user_id, limit)),
     )
-    return respond(request, entry, "recommendations")
+    # One user's answer: never for shared caches.
+    return respond(request, entry, "recommendations", "private, max-age=30")
 
 
 @routes.get("/api/v1/alerts", name="api_alerts")

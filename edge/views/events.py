@@ -75,7 +75,7 @@ def parse_event(raw: Any, index: int) -> Event:
     sid, kind = raw.get("sid"), raw.get("type")
     if not isinstance(sid, str) or not valid_session_id(sid):
         raise bad_request(f"events[{index}].sid is not a session id", "bad_session")
-    if kind not in TYPES:
+    if not isinstance(kind, str) or kind not in TYPES:
         raise bad_request(
             f"events[{index}].type must be one of {', '.join(sorted(TYPES))}", "bad_event"
         )
@@ -88,7 +88,7 @@ def parse_event(raw: Any, index: int) -> Event:
             raise bad_request(f"events[{index}].code is required for an error", "bad_event")
         code = ERROR_CODES.get(value, "other") if isinstance(value, int) else "other"
     fmt, bitrate = raw.get("format"), raw.get("bitrate_kbps")
-    if fmt is not None and fmt not in FORMATS:
+    if fmt is not None and (not isinstance(fmt, str) or fmt not in FORMATS):
         raise bad_request(f"events[{index}].format must be mp3, aac or flac", "bad_event")
     if bitrate is not None:
         bitrate = int(_number(bitrate, "bitrate_kbps", index, minimum=1))
@@ -102,9 +102,12 @@ def parse_event(raw: Any, index: int) -> Event:
 async def _body(request: web.Request) -> list[Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(413, "body_too_large", f"an events batch is at most {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, "body_too_large", f"an events batch is at most {MAX_BODY} bytes")
+    raw = bytearray()
+    # Read to the end (a beacon may arrive in several segments), never more than the limit.
+    while chunk := await request.content.read(MAX_BODY + 1 - len(raw)):
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, "body_too_large", f"an events batch is at most {MAX_BODY} bytes")
     ctype = request.content_type
     if ctype not in ("application/json", "text/plain"):
         raise ApiError(415, "unsupported_media_type", "send application/json or text/plain")

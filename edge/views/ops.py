@@ -1,10 +1,11 @@
-"""Operations endpoints: /healthz, /readyz, /metrics."""
+"""Operations endpoints: /healthz, /readyz, /metrics, and the live /dashboard."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
 
+import aiohttp_jinja2
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -50,3 +51,53 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[keys.METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+CHARTS = (
+    {"id": "rps", "title": "Requests per second by route", "series": "rps.*", "unit": "req/s"},
+    {"id": "p95", "title": "p95 response time by route", "series": "latency.*", "unit": "ms"},
+    {"id": "sessions", "title": "Active streaming sessions", "series": "sessions", "unit": ""},
+    {
+        "id": "pool",
+        "title": "Database pool",
+        "series": "pool.in_use,pool.idle,pool.waiting",
+        "unit": "conns",
+    },
+    {"id": "hit", "title": "Cache hit ratio by cache", "series": "hit_ratio.*", "unit": ""},
+    {"id": "memory", "title": "Memory (RSS)", "series": "memory_mb", "unit": "MB"},
+    {"id": "cpu", "title": "CPU", "series": "cpu_percent", "unit": "%"},
+    {"id": "bytes", "title": "Bytes streamed per second", "series": "bytes_per_s", "unit": "B/s"},
+    {
+        "id": "buffer",
+        "title": "Buffer events and errors per second",
+        "series": "buffer_per_s,errors_per_s",
+        "unit": "/s",
+    },
+)
+
+
+@routes.get("/dashboard", name="dashboard")
+@aiohttp_jinja2.template("dashboard.html")
+async def dashboard(request: web.Request) -> dict[str, object]:
+    static = request.app.router["static"]
+    return {
+        "charts": CHARTS,
+        "data_url": request.app.router["dashboard_data"].url_for(),
+        "css_url": static.url_for(filename="dashboard.css"),
+        "js_url": static.url_for(filename="dashboard.js"),
+    }
+
+
+@routes.get("/dashboard/data", name="dashboard_data")
+async def dashboard_data(request: web.Request) -> web.Response:
+    sampler = request.app[keys.SAMPLER]
+    body = {
+        "points": list(sampler.points),
+        "alerts": request.app[keys.ALERTS].as_json(),
+        "statements": await sampler.statements(request.app[keys.PG_POOL]),
+    }
+    return web.Response(
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )

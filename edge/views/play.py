@@ -296,6 +296,8 @@ async def _preload_hint(
         params = {"mode": "proxy", "preload": "1", **context}
         if state is not None:
             params["sid"] = state.sid
+        if "token" in request.query:  # a player that authenticates by URL needs it here too
+            params["token"] = request.query["token"]
         if "format" in request.query:
             params["format"] = request.query["format"]
         url = str(request.app.router["play"].url_for(id=str(next_id)).with_query(params))
@@ -374,7 +376,10 @@ async def _proxy(
         sessions = app[keys.SESSIONS]
         kbps = sent.bytes * 8 / 1000 / elapsed if sent.bytes >= MIN_MEASURED_BYTES else None
         background(app, sessions.record_transfer(state.sid, sent.bytes, kbps))
-        from_start = decision.status == 200 or (decision.ranges and decision.ranges[0].start == 0)
+        # Only contiguous audio from byte 0 is playback (not the parts of a multipart read).
+        from_start = decision.status == 200 or (
+            not decision.is_multipart and decision.ranges[0].start == 0
+        )
         threshold = min(
             rep.size, int(rendition["bitrate_kbps"] * 1000 / 8 * settings.play_threshold_seconds)
         )

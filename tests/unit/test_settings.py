@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -332,6 +333,19 @@ def test_composed_database_password_is_masked() -> None:
         assert DB_PASSWORD not in text
 
 
+def test_every_secret_field_is_masked() -> None:
+    """Whatever secret fields Settings grows, none shows in its repr."""
+    secret_fields = [f.name for f in dataclasses.fields(Settings) if "Secret" in str(f.type)]
+    assert {"database_url", "redis_url", "aws_secret_access_key", "cloudfront_private_key"} <= set(
+        secret_fields
+    )
+    values = {name: Secret(f"leak-{name}-0xC0FFEE") for name in secret_fields}
+    s = Settings().with_(**values)
+    for text in rendered(s):
+        for value in values.values():
+            assert value not in text, f"{value} leaks into {text!r}"
+
+
 def test_secret_repr_is_masked() -> None:
     assert repr(Secret("x")) == "Secret('**********')"
     assert repr(Secret()) == "Secret('')"
@@ -359,9 +373,12 @@ def test_help(tmp_path: Path) -> None:
     env = clean_env(DB_POOL_MIN="30")
     top = run_edge(["--help"], env, cwd=tmp_path)
     assert top.returncode == 0, top.stderr
-    assert top.stdout.startswith("usage: edge")
-    for command in COMMANDS:
-        assert command in top.stdout
+    # "usage: edge [-h] {serve,migrate,...} ...": every command the CLI has, new ones included.
+    listed = re.search(r"\{([\w,-]+)\}", top.stdout)
+    assert top.stdout.startswith("usage: edge") and listed, top.stdout
+    commands = listed.group(1).split(",")
+    assert set(COMMANDS) <= set(commands)
+    for command in commands:
         sub = run_edge([command, "--help"], env, cwd=tmp_path)
         assert sub.returncode == 0, sub.stderr
         assert sub.stdout.startswith(f"usage: edge {command}"), sub.stdout
