@@ -90,10 +90,12 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics.http_in_flight.inc()
     status = 500
     streamed = False
+    sent: int | None = None
     try:
         response = await _errors_as_json(request, handler)
         status = response.status
         streamed = not isinstance(response, web.Response)
+        sent = response.body_length if streamed else response.content_length
         return response
     finally:
         metrics.http_in_flight.dec()
@@ -111,6 +113,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             route=route,
             path=request.path,
             status=status,
+            bytes=sent,
             duration_ms=round(elapsed * 1000, 3),
         )
 
