@@ -89,9 +89,17 @@ class Cdn:
         return f"{base or ''}/media/{quote(object_key)}"
 
     async def fetch(
-        self, object_key: str, part: ByteRange | None, base: str | None = None
+        self,
+        object_key: str,
+        part: ByteRange | None,
+        base: str | None = None,
+        *,
+        size: int | None = None,
+        etag: str | None = None,
     ) -> Upstream:
-        """Open a GET for the object (or one byte range of it)."""
+        """Open a GET for the object (or one byte range of it). `size` and `etag` are what the
+        catalog knows: an origin holding another version of the object is refused, so bytes of
+        two versions are never spliced into one response."""
         url = self.signed_url(object_key, base)
         headers = {"Range": f"bytes={part.start}-{part.end}"} if part is not None else {}
         expected = 206 if part is not None else 200
@@ -107,7 +115,7 @@ class Cdn:
                     allow_redirects=False,
                     auto_decompress=False,
                 )
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            except aiohttp.ClientConnectorError as exc:
                 self.metrics.upstream_errors.labels("cdn", "connect").inc()
                 if attempt == 1:
                     log.warning("upstream_retry", error=str(exc))
@@ -116,24 +124,50 @@ class Cdn:
             except (TimeoutError, aiohttp.ServerTimeoutError):
                 self.metrics.upstream_errors.labels("cdn", "timeout").inc()
                 raise UpstreamError(504, "timeout", "origin did not answer in time") from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # aiohttp itself already retried this GET once on a dropped connection.
+                self.metrics.upstream_errors.labels("cdn", "connect").inc()
+                raise UpstreamError(
+                    502, "connect", f"origin dropped the connection: {exc}"
+                ) from None
             except aiohttp.ClientError as exc:
                 self.metrics.upstream_errors.labels("cdn", "protocol").inc()
                 raise UpstreamError(502, "protocol", f"origin error: {exc}") from None
             self.metrics.upstream_duration.labels(f"{response.status // 100}xx").observe(
                 time.perf_counter() - started
             )
-            if response.status != expected or not self._consistent(response, part):
-                status = response.status
+            problem = self._problem(response, expected, part, size, etag)
+            if problem is not None:
                 response.release()
                 self.metrics.upstream_errors.labels("cdn", "status").inc()
-                raise UpstreamError(502, "status", f"origin answered {status}, expected {expected}")
+                log.error("upstream_inconsistent", key=object_key, problem=problem)
+                raise UpstreamError(502, "status", f"origin answer refused: {problem}")
             return Upstream(response, response.status)
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _consistent(response: aiohttp.ClientResponse, part: ByteRange | None) -> bool:
-        """The origin sent exactly the range asked for (never splice a different one)."""
+    def _problem(
+        response: aiohttp.ClientResponse,
+        expected: int,
+        part: ByteRange | None,
+        size: int | None,
+        etag: str | None,
+    ) -> str | None:
+        """Why the origin's answer is not exactly the bytes asked for, or None."""
+        if response.status != expected:
+            return f"status {response.status}, expected {expected}"
+        origin_etag = response.headers.get("ETag")
+        if etag is not None and origin_etag is not None and origin_etag.strip() != etag:
+            return f"ETag {origin_etag} is not the catalog's {etag}"
         if part is None:
-            return True
+            length = response.headers.get("Content-Length")
+            if size is not None and length is not None and length != str(size):
+                return f"Content-Length {length}, catalog size {size}"
+            return None
+        total = "*" if size is None else str(size)
         content_range = response.headers.get("Content-Range", "")
-        return content_range.startswith(f"bytes {part.start}-{part.end}/")
+        if size is None:
+            ok = content_range.startswith(f"bytes {part.start}-{part.end}/")
+        else:
+            ok = content_range == f"bytes {part.start}-{part.end}/{total}"
+        return None if ok else f"Content-Range {content_range!r} for bytes {part.start}-{part.end}"

@@ -51,11 +51,20 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The runner `edge serve` uses. handler_cancellation: a player that hangs up cancels its
+    handler at once, so a proxied stream stops reading from the CDN instead of waiting for the
+    next upstream chunk to find out."""
+    return web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=10, handler_cancellation=True
+    )
+
+
 async def _run(app: web.Application, settings: Settings) -> None:
     """Start, serve until SIGINT/SIGTERM, stop. Unlike web.run_app, a start that fails or is
     interrupted half-way still leaves every started resource, in reverse order (runner.cleanup
     runs the cleanup contexts that were entered)."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    runner = make_runner(app)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stop = asyncio.Event()

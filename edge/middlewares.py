@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -97,6 +98,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         streamed = not isinstance(response, web.Response)
         sent = response.body_length if streamed else response.content_length
         return response
+    except asyncio.CancelledError:
+        status = 499  # the client closed the connection (nginx's convention)
+        raise
     finally:
         metrics.http_in_flight.dec()
         elapsed = time.perf_counter() - started

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -81,7 +82,13 @@ def _safe_path(request: web.Request, root: Path) -> Path:
 def _file_chunks(path: Path) -> Source:
     async def read(part: ByteRange | None) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
-        f = await loop.run_in_executor(None, path.open, "rb")
+        opening = loop.run_in_executor(None, path.open, "rb")
+        try:
+            f = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The open goes on in its thread: close what it opens.
+            opening.add_done_callback(_close_opened)
+            raise
         try:
             start, remaining = (0, -1) if part is None else (part.start, part.length)
             await loop.run_in_executor(None, f.seek, start)
@@ -93,9 +100,14 @@ def _file_chunks(path: Path) -> Source:
                 remaining -= len(block) if remaining > 0 else 0
                 yield block
         finally:
-            await loop.run_in_executor(None, f.close)
+            f.close()  # closing a read-only file does not block
 
     return read
+
+
+def _close_opened(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        done.result().close()
 
 
 @routes.route("GET", "/media/{key:.+}", name="media")

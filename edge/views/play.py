@@ -4,6 +4,7 @@ preload hint for what plays next."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine
@@ -347,7 +348,9 @@ async def _proxy(
     key = rendition["object_key"]
     first_part = decision.ranges[0] if decision.status == 206 else None
     try:
-        first: Upstream | None = await cdn.fetch(key, first_part, base)
+        first: Upstream | None = await cdn.fetch(
+            key, first_part, base, size=rep.size, etag=rep.etag
+        )
     except UpstreamError as exc:
         log.error("upstream_failed", kind=exc.kind, message=exc.message, key=key)
         raise ApiError(exc.status, f"upstream_{exc.kind}", exc.message) from None
@@ -355,13 +358,26 @@ async def _proxy(
 
     async def source(part: ByteRange | None) -> AsyncIterator[bytes]:
         nonlocal first
-        upstream = first if first is not None else await cdn.fetch(key, part, base)
+        upstream = (
+            first
+            if first is not None
+            else await cdn.fetch(key, part, base, size=rep.size, etag=rep.etag)
+        )
         first = None
         async for chunk in upstream.chunks(settings.upstream_read_timeout):
             yield chunk
 
     transfer_started = time.perf_counter()
-    sent = await send(request, decision, rep, source, headers)
+    try:
+        sent = await send(request, decision, rep, source, headers)
+    except asyncio.CancelledError:
+        # The client went away and aiohttp cancelled the handler: upstream is closed by the
+        # generator's cleanup; count it like any disconnect.
+        metrics.client_disconnects.labels("play").inc()
+        log.debug("client_gone", route="play")
+        if first is not None:
+            first.response.release()
+        raise
     if first is not None:
         first.response.release()
     elapsed = time.perf_counter() - transfer_started

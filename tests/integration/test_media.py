@@ -1,0 +1,382 @@
+"""The local media origin, `GET|HEAD /media/{key}`: the same RFC 9110 range cases as proxy mode
+(shared with test_proxy.py), and its security: signed and expiring URLs, and no way out of the
+media folder (dot segments, encoded slashes and dots, NULs, absolute paths, symlinks).
+
+Path attacks go over a raw socket, so the request target reaches Edge exactly as written (an
+HTTP client library would normalise `..` away before sending). Each one carries a valid
+signature for its exact path: the folder check itself must hold, not just the signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hmac
+import os
+import time
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from edge import keys
+from edge.ingest import RenditionFile
+from edge.settings import Settings
+from edge.signing import LocalSigner, cloudfront_b64encode
+from tests.conftest import bearer
+from tests.integration.test_proxy import (
+    HEAD_CASES,
+    RANGE_CASES,
+    Case,
+    Client,
+    MakeClient,
+    Target,
+    eventually,
+    play_path,
+    rendition,
+    run_case,
+    run_head_case,
+    sample,
+    tracebacks,
+)
+
+SECRET = b"TOP-SECRET: not audio, and not under the media folder\n" * 4
+
+
+async def media_target(make_client: MakeClient, playable: dict[str, Any]) -> Target:
+    """The local origin, at the signed URL a redirect-mode /play hands out."""
+    f = rendition(playable, "mp3")
+    client = await make_client()
+    resp = await client.get(play_path(playable), headers=bearer(), allow_redirects=False)
+    assert resp.status == 302
+    location = resp.headers["Location"]
+    assert location.startswith("/media/" + f.object_key + "?")
+    return Target("media", client, location, {}, f, f.path.read_bytes())
+
+
+@pytest.mark.parametrize("case", RANGE_CASES, ids=[c.id for c in RANGE_CASES])
+async def test_range(case: Case, make_client: MakeClient, playable: dict[str, Any]) -> None:
+    await run_case(await media_target(make_client, playable), case)
+
+
+@pytest.mark.parametrize("case", HEAD_CASES, ids=[c.id for c in HEAD_CASES])
+async def test_head(case: Case, make_client: MakeClient, playable: dict[str, Any]) -> None:
+    await run_head_case(await media_target(make_client, playable), case)
+
+
+# -- raw requests ------------------------------------------------------------------------------
+
+
+class Raw:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def error_code(self) -> str:
+        assert self.headers.get("content-type", "").startswith("application/json"), self.headers
+        doc = orjson.loads(self.body)
+        assert set(doc) == {"error"} and isinstance(doc["error"]["message"], str)
+        return str(doc["error"]["code"])
+
+
+async def raw_request(client: Client, target: str, method: str = "GET", **headers: str) -> Raw:
+    """One HTTP/1.1 request with the request target sent byte for byte as given."""
+    host, port = "127.0.0.1", client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+        lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    if "content-length" in parsed and method != "HEAD":
+        assert len(body) == int(parsed["content-length"])
+    return Raw(int(status_line.split(" ")[1]), parsed, body)
+
+
+def sign(client: Client, raw_path: str, expires: int | None = None) -> str:
+    """A valid signature for exactly this raw path, from Edge's own local signer; for paths
+    it will not sign (raw characters a URL must not carry), the same HMAC computed here."""
+    expires = int(time.time()) + 600 if expires is None else expires
+    try:
+        return client.app[keys.LOCAL_SIGNER].sign(raw_path, expires)
+    except ValueError:
+        secret = str(client.app[keys.SETTINGS].media_secret).encode()
+        mac = hmac.new(secret, f"{raw_path}\n{expires}".encode(), sha256).digest()
+        return (
+            f"{raw_path}?Expires={expires}&Signature={cloudfront_b64encode(mac)}&Key-Pair-Id=local"
+        )
+
+
+def assert_refused(resp: Raw, *forbidden: bytes) -> None:
+    assert 400 <= resp.status < 500, (resp.status, resp.body[:200])
+    for content in forbidden:
+        assert content[:64] not in resp.body
+
+
+@pytest.fixture
+def outside(settings: Settings) -> Path:
+    """A file next to (not in) the media folder: data/secret.mp3 beside data/media/. It really
+    is there, so a refusal is never just a 404 by luck."""
+    settings.media_root.mkdir(parents=True, exist_ok=True)
+    path = settings.media_root.parent / "secret.mp3"
+    path.write_bytes(SECRET)
+    return path
+
+
+@pytest.fixture
+def mp3(playable: dict[str, Any]) -> RenditionFile:
+    return rendition(playable, "mp3")
+
+
+# -- signatures --------------------------------------------------------------------------------
+
+
+async def test_signed_url_serves_the_file(
+    make_client: MakeClient, playable: dict[str, Any], mp3: RenditionFile
+) -> None:
+    client = await make_client()
+    resp = await raw_request(client, sign(client, f"/media/{mp3.object_key}"))
+    assert resp.status == 200
+    assert resp.body == mp3.path.read_bytes()
+    assert resp.headers["content-type"] == "audio/mpeg"
+    assert resp.headers["etag"] == f'"{mp3.etag}"'
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["", "?Expires=9999999999", "?Signature=abc", "?Expires=&Signature=&Key-Pair-Id=local"],
+    ids=["none", "expires-only", "signature-only", "empty"],
+)
+async def test_unsigned_is_403(
+    query: str, make_client: MakeClient, playable: dict[str, Any], mp3: RenditionFile
+) -> None:
+    client = await make_client()
+    for method in ("GET", "HEAD"):
+        resp = await raw_request(client, f"/media/{mp3.object_key}{query}", method)
+        assert resp.status == 403
+        if method == "GET":
+            assert resp.error_code() == "bad_signature"
+            assert mp3.path.read_bytes()[:64] not in resp.body
+    assert sample(client, "edge_errors_total", code="bad_signature") >= 1
+
+
+async def test_expired_signature_is_403(
+    make_client: MakeClient, playable: dict[str, Any], mp3: RenditionFile
+) -> None:
+    client = await make_client()
+    resp = await raw_request(client, sign(client, f"/media/{mp3.object_key}", int(time.time()) - 1))
+    assert resp.status == 403
+    assert resp.error_code() == "bad_signature"
+    assert "expired" in orjson.loads(resp.body)["error"]["message"]
+
+
+async def test_tampered_urls_are_403(
+    make_client: MakeClient, playable: dict[str, Any], mp3: RenditionFile
+) -> None:
+    client = await make_client()
+    other = rendition(playable, "aac")
+    good = sign(client, f"/media/{mp3.object_key}")
+    _, _, query = good.partition("?")
+    params = dict(p.split("=", 1) for p in query.split("&"))
+    signature, expires = params["Signature"], params["Expires"]
+    flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
+    attempts = {
+        "other-key": f"/media/{other.object_key}?{query}",
+        "key-prefix": f"/media/{mp3.object_key}x?{query}",
+        "later-expiry": good.replace(f"Expires={expires}", f"Expires={int(expires) + 3600}"),
+        "signature-changed": good.replace(signature, flipped),
+        "signature-truncated": good.replace(signature, signature[:-2]),
+        "upper-cased-key": f"/media/{mp3.object_key.upper()}?{query}",
+        "other-secret": LocalSigner(b"someone-else-entirely-0123456789").sign(
+            f"/media/{mp3.object_key}", int(expires)
+        ),
+    }
+    for name, url in attempts.items():
+        resp = await raw_request(client, url)
+        assert resp.status == 403, name
+        assert resp.error_code() == "bad_signature", name
+    assert (await raw_request(client, good)).status == 200
+
+
+async def test_unknown_key_with_a_valid_signature_is_404(
+    make_client: MakeClient, playable: dict[str, Any], mp3: RenditionFile
+) -> None:
+    client = await make_client()
+    directory = mp3.object_key.rsplit("/", 1)[0]
+    for key in (f"{directory}/nothing-here.mp3", "nope/nope.mp3", directory):
+        resp = await raw_request(client, sign(client, f"/media/{key}"))
+        assert resp.status == 404, key
+        assert resp.error_code() == "not_found"
+
+
+async def test_head_works(
+    make_client: MakeClient, playable: dict[str, Any], mp3: RenditionFile
+) -> None:
+    client = await make_client()
+    url = sign(client, f"/media/{mp3.object_key}")
+    get = await raw_request(client, url)
+    head = await raw_request(client, url, "HEAD")
+    assert head.status == 200, head.body
+    assert head.body == b""
+    for name in ("content-length", "content-type", "etag", "last-modified", "accept-ranges"):
+        assert head.headers.get(name) == get.headers.get(name), name
+    assert head.headers["content-length"] == str(mp3.bytes)
+    ranged = await raw_request(client, url, "HEAD", Range="bytes=10-19")
+    assert ranged.status == 206
+    assert ranged.headers["content-range"] == f"bytes 10-19/{mp3.bytes}"
+    assert ranged.headers["content-length"] == "10"
+    assert ranged.body == b""
+
+
+# -- no way out of the folder ------------------------------------------------------------------
+
+ESCAPES = [
+    # (id, raw path) relative to the server root; data/secret.mp3 sits beside data/media/
+    ("dot-dot", "/media/../secret.mp3"),
+    ("dot-dot-nested", "/media/t/0/../../../secret.mp3"),
+    ("dot-dot-inside", "/media/t/../t/0/mp3-320.mp3"),
+    ("encoded-dot-dot", "/media/%2e%2e/secret.mp3"),
+    ("encoded-dot-dot-upper", "/media/%2E%2E/secret.mp3"),
+    ("half-encoded-dot-dot", "/media/.%2e/secret.mp3"),
+    ("double-encoded-dot-dot", "/media/%252e%252e/secret.mp3"),
+    ("overlong-utf8-dot-dot", "/media/%c0%ae%c0%ae/secret.mp3"),
+    ("encoded-slash", "/media/..%2fsecret.mp3"),
+    ("encoded-slash-upper", "/media/..%2Fsecret.mp3"),
+    ("encoded-slash-inside", "/media/t%2F0%2Fmp3-320.mp3"),
+    ("encoded-backslash", "/media/..%5csecret.mp3"),
+    ("backslash", "/media/..\\secret.mp3"),
+    ("nul", "/media/t/0/mp3-320.mp3%00"),
+    ("nul-then-suffix", "/media/t/0/mp3-320.mp3%00.txt"),
+    ("nul-in-dir", "/media/t%00/0/mp3-320.mp3"),
+    ("absolute", "/media//etc/passwd"),
+    ("absolute-to-secret", "/media/{secret_abs}"),  # "/media/" + "/abs/path/secret.mp3"
+    ("absolute-encoded", "/media/%2Fetc%2Fpasswd"),
+    ("home-tilde", "/media/~/secret.mp3"),
+    ("dot-segment", "/media/./t/0/mp3-320.mp3"),
+    ("trailing-dot-dot", "/media/t/0/mp3-320.mp3/.."),
+]
+
+
+@pytest.mark.parametrize("raw_path", [p for _, p in ESCAPES], ids=[i for i, _ in ESCAPES])
+async def test_path_escapes_are_refused(
+    raw_path: str,
+    make_client: MakeClient,
+    playable: dict[str, Any],
+    outside: Path,
+    mp3: RenditionFile,
+) -> None:
+    client = await make_client()
+    raw_path = raw_path.replace("{secret_abs}", str(outside))
+    # Attacks on files inside the folder too: the key must be the object key, nothing else.
+    for method in ("GET", "HEAD"):
+        resp = await raw_request(client, sign(client, raw_path), method)
+        assert_refused(resp, SECRET, mp3.path.read_bytes(), b"root:x:0:0")
+
+
+async def test_raw_nul_in_request_target_is_refused(
+    make_client: MakeClient, playable: dict[str, Any], mp3: RenditionFile
+) -> None:
+    client = await make_client()
+    resp = await raw_request(client, f"/media/{mp3.object_key}\x00.txt")
+    assert_refused(resp, mp3.path.read_bytes())
+
+
+@pytest.mark.parametrize("where", ["outside-file", "outside-dir", "inside-file", "inside-dir"])
+async def test_symlinks_are_refused(
+    where: str,
+    make_client: MakeClient,
+    playable: dict[str, Any],
+    settings: Settings,
+    outside: Path,
+    mp3: RenditionFile,
+) -> None:
+    root = settings.media_root
+    real_dir = mp3.path.parent
+    inside = root / mp3.object_key
+    if where == "outside-file":
+        (root / "evil.mp3").symlink_to(outside)
+        key, content = "evil.mp3", SECRET
+    elif where == "outside-dir":
+        (root / "evil").symlink_to(outside.parent)
+        key, content = "evil/secret.mp3", SECRET
+    elif where == "inside-file":
+        (root / "alias.mp3").symlink_to(inside)
+        key, content = "alias.mp3", inside.read_bytes()
+    else:
+        (root / "alias").symlink_to(inside.parent)
+        key, content = f"alias/{inside.name}", inside.read_bytes()
+    assert (root / key).read_bytes() == content  # the link works on the file system
+    assert real_dir.exists()
+    client = await make_client()
+    for method in ("GET", "HEAD"):
+        resp = await raw_request(client, sign(client, f"/media/{key}"), method)
+        assert_refused(resp, content)
+    # The real object is still served.
+    assert (await raw_request(client, sign(client, f"/media/{mp3.object_key}"))).status == 200
+
+
+# -- clients that go away ----------------------------------------------------------------------
+
+
+def open_fds_to(path: Path) -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+async def test_clients_leaving_early_leave_no_open_files(
+    make_client: MakeClient,
+    playable: dict[str, Any],
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Players that hang up at any moment (right after the headers, or a few KiB in) must not
+    leave a file open behind them, nor a traceback."""
+    big = settings.media_root / "big" / "long.flac"
+    big.parent.mkdir(parents=True)
+    big.write_bytes(os.urandom(1 << 20) * 16)  # 16 MiB: far more than socket buffers hold
+    client = await make_client()
+    url = sign(client, "/media/big/long.flac")
+    rounds = 300
+    for n in range(rounds):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        if n % 10 == 9:
+            await reader.readexactly(4096)
+        writer.transport.abort()  # hang up (RST), as a player skipping a track does
+
+    def requests() -> float:
+        return sum(
+            sample(client, "edge_http_requests_total", route="media", method="GET", status=s)
+            for s in ("200", "499", "500")
+        )
+
+    await eventually(lambda: requests() >= rounds)
+    # A player hanging up is 499 (client closed), never a server error.
+    assert (
+        sample(client, "edge_http_requests_total", route="media", method="GET", status="500") == 0
+    )
+    assert open_fds_to(big) == 0
+    gc.collect()  # a file object dropped unclosed would warn here (ResourceWarning -> error)
+    assert open_fds_to(big) == 0
+    assert tracebacks(caplog) == []
