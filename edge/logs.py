@@ -18,6 +18,9 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # Drop events below the level before any processor runs (a filtered access line would
+    # otherwise still pay for its timestamp and context merge on every request).
+    first: list[structlog.types.Processor] = [structlog.stdlib.filter_by_level]
     renderer: structlog.types.Processor
     if fmt == "json":
         shared.append(structlog.processors.format_exc_info)
@@ -26,6 +29,7 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
         renderer = structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
+            *first,
             *shared,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
