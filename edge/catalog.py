@@ -145,16 +145,22 @@ ORDER BY e.position
 LIMIT $3
 """
 
-# Ranked by text relevance (title > artist > album), then popularity, then id. The tsquery is
-# built once (MATERIALIZED) and the JSON only for the page, not for every hit.
-SEARCH_SQL = f"""
-WITH q AS MATERIALIZED (SELECT edge_search_query($1) AS tsq),
-page AS (
+# What a query means (tsquery) and about how many tracks it matches (see 006_search_plan.sql).
+SEARCH_PLAN_SQL = "SELECT tsq::text AS tsq, estimate FROM edge_search_plan($1)"
+
+# A query matching at most this many tracks is ranked by relevance; a broader one (a common
+# word, a short prefix) is listed by popularity, which costs one page, not every match.
+BROAD_MATCHES = 20_000
+
+# Ranked by text relevance (title > artist > album), then popularity, then id; the JSON is
+# built only for the page, not for every hit.
+SEARCH_RANKED_SQL = f"""
+WITH page AS (
     SELECT t.id, t.play_count,
-           ts_rank('{{0.1, 0.3, 0.6, 1.0}}', t.search_tsv, q.tsq) AS score
-    FROM tracks t, q
-    WHERE t.search_tsv @@ q.tsq
-      AND (ts_rank('{{0.1, 0.3, 0.6, 1.0}}', t.search_tsv, q.tsq), t.play_count, t.id)
+           ts_rank('{{0.1, 0.3, 0.6, 1.0}}', t.search_tsv, $1::tsquery) AS score
+    FROM tracks t
+    WHERE t.search_tsv @@ $1::tsquery
+      AND (ts_rank('{{0.1, 0.3, 0.6, 1.0}}', t.search_tsv, $1::tsquery), t.play_count, t.id)
           < ($2::real, $3::bigint, $4::bigint)
     ORDER BY score DESC, t.play_count DESC, t.id DESC
     LIMIT $5
@@ -164,6 +170,21 @@ FROM page
 JOIN tracks t ON t.id = page.id
 {TRACK_JOINS}
 ORDER BY page.score DESC, page.play_count DESC, page.id DESC
+"""
+
+SEARCH_POPULAR_SQL = f"""
+SELECT p.play_count, p.id, json_build_object({TRACK_FIELDS})::text AS doc
+FROM edge_search_by_popularity($1::tsquery, $2, $3, $4) AS p
+JOIN tracks t ON t.id = p.id
+{TRACK_JOINS}
+ORDER BY p.play_count DESC, p.id DESC
+"""
+
+# Word counts for the broad-query estimate, recounted after bulk loads and on refresh.
+RECOUNT_SEARCH_WORDS_SQL = """
+INSERT INTO search_words AS w (word, ndoc)
+SELECT word, ndoc FROM ts_stat('SELECT search_tsv FROM tracks')
+ON CONFLICT (word) DO UPDATE SET ndoc = EXCLUDED.ndoc WHERE w.ndoc <> EXCLUDED.ndoc
 """
 
 NEXT_IN_PLAYLIST_SQL = """
@@ -232,6 +253,17 @@ def encode_cursor(kind: str, *values: Any) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+def cursor_kind(cursor: str) -> str | None:
+    """Which list a cursor belongs to (None if it is not one of ours)."""
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        raise CursorError("cursor is not valid") from None
+    if not isinstance(data, list) or not data or not isinstance(data[0], str):
+        raise CursorError("cursor is not valid")
+    return data[0]
+
+
 def decode_cursor(cursor: str, kind: str, types: tuple[type, ...]) -> tuple[Any, ...]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
@@ -280,11 +312,13 @@ class Catalog:
         metrics: Metrics,
         acquire_timeout: float = 30.0,
         slow_query_seconds: float = 0.1,
+        broad_matches: int = BROAD_MATCHES,
     ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.acquire_timeout = acquire_timeout
         self.slow_query_seconds = slow_query_seconds
+        self.broad_matches = broad_matches
 
     @classmethod
     def of(cls, app: web.Application) -> Catalog:
@@ -294,6 +328,7 @@ class Catalog:
             app[keys.METRICS],
             settings.db_pool_acquire_timeout,
             settings.slow_query_ms / 1000,
+            settings.search_broad_matches,
         )
 
     async def _run(self, name: str, method: str, sql: str, args: tuple[Any, ...]) -> Any:
@@ -412,9 +447,28 @@ class Catalog:
         return Page([r["doc"].encode() for r in rows], None)
 
     async def search(self, query: str, limit: int, cursor: str | None) -> Page:
+        """Relevance order for a narrow query; popularity order for a broad one. The cursor
+        says which, so every page of one list follows the order of its first page."""
+        kind = cursor_kind(cursor) if cursor else None
+        plan = (await self._fetch("search_plan", SEARCH_PLAN_SQL, query))[0]
+        if plan["tsq"] is None:
+            return Page([], None)
+        broad = kind == "search-popular" if cursor else plan["estimate"] >= self.broad_matches
+        if broad:
+            plays, last_id = (
+                decode_cursor(cursor, "search-popular", (int, int))
+                if cursor
+                else (MAX_BIGINT, MAX_BIGINT)
+            )
+            rows = await self._fetch(
+                "search_popular", SEARCH_POPULAR_SQL, plan["tsq"], plays, last_id, limit + 1
+            )
+            return self._page("search-popular", rows, limit, 2)
         if cursor:
             score, plays, last_id = decode_cursor(cursor, "search", (float, int, int))
         else:
             score, plays, last_id = float("inf"), MAX_BIGINT, MAX_BIGINT
-        rows = await self._fetch("search", SEARCH_SQL, query, score, plays, last_id, limit + 1)
+        rows = await self._fetch(
+            "search", SEARCH_RANKED_SQL, plan["tsq"], score, plays, last_id, limit + 1
+        )
         return self._page("search", rows, limit, 3)

@@ -122,12 +122,13 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _refresh(settings: Settings, args: argparse.Namespace) -> int:
-    from edge.catalog import REFRESH_POPULAR_SQL
+    from edge.catalog import RECOUNT_SEARCH_WORDS_SQL, REFRESH_POPULAR_SQL
 
     async def run() -> None:
         async with _database(settings) as conn:
             await conn.execute(REFRESH_POPULAR_SQL)
-            print("popular_tracks_mv refreshed")
+            await conn.execute(RECOUNT_SEARCH_WORDS_SQL)
+            print("popular_tracks_mv refreshed, search word counts recounted")
 
     asyncio.run(run())
     return 0

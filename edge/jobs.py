@@ -15,7 +15,7 @@ from aiohttp import web
 from edge import cache as ck
 from edge import keys
 from edge.cache import Cache
-from edge.catalog import REFRESH_POPULAR_SQL, Catalog
+from edge.catalog import RECOUNT_SEARCH_WORDS_SQL, REFRESH_POPULAR_SQL, Catalog
 from edge.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -48,6 +48,7 @@ async def refresh_popular(pool: asyncpg.Pool, metrics: Metrics, min_age: float =
             started = time.perf_counter()
             try:
                 await conn.execute(REFRESH_POPULAR_SQL)
+                await conn.execute(RECOUNT_SEARCH_WORDS_SQL)
                 status = "ok"
             finally:
                 await conn.execute(FINISH_SQL, JOB_POPULAR, status)

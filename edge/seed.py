@@ -20,6 +20,7 @@ from pathlib import Path
 import asyncpg
 import structlog
 
+from edge.catalog import RECOUNT_SEARCH_WORDS_SQL
 from edge.ingest import RenditionFile, Tags, encode_renditions, synthesize
 
 log = structlog.get_logger(__name__)
@@ -616,10 +617,7 @@ async def seed_synthetic(
             renditions = len(rows)
         for indexdef in rebuild:
             await conn.execute(indexdef)
-        await conn.execute(
-            "INSERT INTO search_words (word)"
-            " SELECT word FROM ts_stat('SELECT search_tsv FROM tracks') ON CONFLICT DO NOTHING"
-        )
+        await conn.execute(RECOUNT_SEARCH_WORDS_SQL)
         for table in ("artists", "albums", "tracks"):
             await conn.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"

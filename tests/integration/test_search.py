@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from edge import keys
+
 Client = Any
 
 
@@ -140,3 +142,42 @@ async def test_renamed_artist_is_searchable_by_the_new_name(
         "UPDATE artists SET name = 'Ĉepelinoj' WHERE id = $1", catalog["artists"]["sigur"]
     )
     assert set(await titles(client, "cepelinoj")) == {"Hoppípolla", "Glósóli"}
+
+
+async def test_broad_queries_are_listed_by_popularity(
+    make_client: Client, catalog: dict[str, Any], db: Any
+) -> None:
+    # A word in 60 tracks, with a threshold of 50: a broad query.
+    artist = await db.fetchval("INSERT INTO artists (name) VALUES ('Chorus') RETURNING id")
+    await db.execute(
+        "INSERT INTO tracks (title, artist_id, duration_ms, play_count)"
+        " SELECT 'Anthem ' || g, $1, 1000, (g * 7919) % 1000 FROM generate_series(1, 60) g",
+        artist,
+    )
+    await db.execute(
+        "UPDATE search_words w SET ndoc = s.ndoc"
+        " FROM ts_stat('SELECT search_tsv FROM tracks') s WHERE s.word = w.word"
+    )
+    client = await make_client(search_broad_matches=50)
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    for _ in range(10):
+        params = {"q": "anthem", "limit": "25"} | ({"cursor": cursor} if cursor else {})
+        body = await (await client.get("/api/v1/search", params=params)).json()
+        seen += body["items"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == 60 and len({t["id"] for t in seen}) == 60
+    plays = [t["play_count"] for t in seen]
+    assert plays == sorted(plays, reverse=True)
+    registry = client.app[keys.METRICS].registry
+    popular_pages = registry.get_sample_value(
+        "edge_db_query_duration_seconds_count", {"query": "search_popular"}
+    )
+    assert popular_pages == 3  # every page, including those after a cursor
+    assert not registry.get_sample_value(
+        "edge_db_query_duration_seconds_count", {"query": "search"}
+    )
+    # A narrow query on the same client is still ranked by relevance.
+    assert (await titles(client, "back in black"))[0] == "Back in Black"
