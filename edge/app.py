@@ -13,7 +13,7 @@ from edge.alerts import Alerts
 from edge.dashboard import Sampler
 from edge.jobs import jobs_ctx
 from edge.metrics import Metrics
-from edge.middlewares import echo_request_id, observe, security_headers
+from edge.middlewares import echo_request_id, errors_as_json, observe, security_headers
 from edge.resources import embedded_ctx, postgres_ctx, redis_ctx, schema_ctx, streaming_ctx
 from edge.settings import Settings
 from edge.views import api, events, media, ops, play
@@ -24,7 +24,10 @@ STATIC = ROOT / "static"
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
+    # observe (request id, access log, HTTP metrics) can be switched off only to measure what
+    # it costs (bench/); errors are always JSON.
+    middlewares = [observe, errors_as_json] if settings.observe else [errors_as_json]
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app.on_response_prepare.append(echo_request_id)
     metrics = Metrics()

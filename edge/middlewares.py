@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import re
+import secrets
 import time
-import uuid
 
 import asyncpg
 import structlog
@@ -70,6 +72,22 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
 _NOT_RESPONSE_TIMES = frozenset({"metrics", "dashboard_data"})
 
 
+_ID_PREFIX = secrets.token_hex(8)
+_ids = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    """Unique per process start and request, without a syscall per request (uuid4 reads
+    urandom): a random per-process prefix and a counter."""
+    return f"{_ID_PREFIX}{next(_ids):016x}"
+
+
+def _access_log_enabled() -> bool:
+    # Checked before building the event: structlog would otherwise run its processors for a
+    # line the level then drops.
+    return logging.getLogger("edge.access").isEnabledFor(logging.INFO)
+
+
 def _route_name(request: web.Request) -> str:
     route = request.match_info.route
     name = route.name if route is not None else None
@@ -82,7 +100,7 @@ def _route_name(request: web.Request) -> str:
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    request_id = incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id()
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -93,7 +111,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     streamed = False
     sent: int | None = None
     try:
-        response = await _errors_as_json(request, handler)
+        response = await handler(request)
         status = response.status
         streamed = not isinstance(response, web.Response)
         sent = response.body_length if streamed else response.content_length
@@ -111,18 +129,20 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         # them: they are not response times.
         if route not in _NOT_RESPONSE_TIMES and not streamed:
             request.app[keys.ALERTS].observe_response(elapsed)
-        log.info(
-            "request",
-            method=request.method,
-            route=route,
-            path=request.path,
-            status=status,
-            bytes=sent,
-            duration_ms=round(elapsed * 1000, 3),
-        )
+        if _access_log_enabled():
+            log.info(
+                "request",
+                method=request.method,
+                route=route,
+                path=request.path,
+                status=status,
+                bytes=sent,
+                duration_ms=round(elapsed * 1000, 3),
+            )
 
 
-async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics = request.app[keys.METRICS]
     try:
         return await handler(request)

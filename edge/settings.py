@@ -90,6 +90,7 @@ class Settings:
     play_threshold_seconds: float = 30.0
     slow_query_ms: float = 100.0
     search_broad_matches: int = 20_000
+    observe: bool = True
     alert_interval_seconds: float = 5.0
     alert_window_seconds: float = 60.0
     alert_min_requests: int = 100
@@ -205,6 +206,7 @@ class Settings:
             play_threshold_seconds=e.number("EDGE_PLAY_THRESHOLD_SECONDS", 30.0, minimum=0.0),
             slow_query_ms=e.number("EDGE_SLOW_QUERY_MS", 100.0, minimum=0.0),
             search_broad_matches=e.integer("EDGE_SEARCH_BROAD_MATCHES", 20_000, minimum=1),
+            observe=e.flag("EDGE_OBSERVE", True),
             alert_interval_seconds=e.number("EDGE_ALERT_INTERVAL_SECONDS", 5.0, minimum=0.01),
             alert_window_seconds=e.number("EDGE_ALERT_WINDOW_SECONDS", 60.0, minimum=0.1),
             alert_min_requests=e.integer("EDGE_ALERT_MIN_REQUESTS", 100, minimum=1),
