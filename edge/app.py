@@ -16,7 +16,7 @@ from edge.metrics import Metrics
 from edge.middlewares import echo_request_id, errors_as_json, observe, security_headers
 from edge.resources import embedded_ctx, postgres_ctx, redis_ctx, schema_ctx, streaming_ctx
 from edge.settings import Settings
-from edge.views import api, events, media, ops, play
+from edge.views import api, events, media, ops, pages, play
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
@@ -47,5 +47,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(play.routes)
     app.router.add_routes(events.routes)
     app.router.add_routes(media.routes)
+    app.router.add_routes(pages.routes)
     app.router.add_static("/static", STATIC, name="static")
     return app

@@ -130,6 +130,7 @@ class SessionState:
     started: float
     counted_track: int | None
     created: bool
+    choice_track: int | None = None
 
     @classmethod
     def from_redis(cls, sid: str, flat: list[Any], created: bool) -> SessionState:
@@ -148,6 +149,7 @@ class SessionState:
             started=_float(h.get("started")) or 0.0,
             counted_track=_int(h.get("counted")),
             created=created,
+            choice_track=_int(h.get("choice_track")),
         )
 
 
@@ -213,8 +215,13 @@ class Sessions:
             args += [name, value]
         return bool(await self._update(keys=[self.key(sid)], args=args))
 
-    async def record_choice(self, sid: str, fmt: str, bitrate_kbps: int) -> None:
-        await self.update(sid, {"format": fmt, "bitrate": bitrate_kbps})
+    async def record_choice(
+        self, sid: str, fmt: str, bitrate_kbps: int, track_id: int | None = None
+    ) -> None:
+        fields: dict[str, str | int | float] = {"format": fmt, "bitrate": bitrate_kbps}
+        if track_id is not None:
+            fields["choice_track"] = track_id
+        await self.update(sid, fields)
 
     async def record_transfer(
         self, sid: str, sent: int, kbps: float | None, now: float | None = None

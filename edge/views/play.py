@@ -154,8 +154,9 @@ async def play(request: web.Request) -> web.StreamResponse:
         now,
     )
     step = quality.buffer_step(state.buffer_events, state.last_buffer_at, now) if state else 0
+    pinned = _pinned(request, state, track, who, requested_bitrate)
     try:
-        choice = quality.choose(
+        choice = pinned or quality.choose(
             who.tier, track.ladder, accepted, bandwidth, step, requested_bitrate
         )
     except quality.NoPlayableRendition:
@@ -165,14 +166,15 @@ async def play(request: web.Request) -> web.StreamResponse:
         metrics.quality_chosen.labels(rendition["format"], str(rendition["bitrate_kbps"])).inc()
         if choice.downgraded:
             metrics.downgrades.labels(choice.downgraded).inc()
-        if state is not None and (state.format, state.bitrate_kbps) != (
+        if state is not None and (state.format, state.bitrate_kbps, state.choice_track) != (
             rendition["format"],
             rendition["bitrate_kbps"],
+            track.id,
         ):
             background(
                 app,
                 app[keys.SESSIONS].record_choice(
-                    state.sid, rendition["format"], rendition["bitrate_kbps"]
+                    state.sid, rendition["format"], rendition["bitrate_kbps"], track.id
                 ),
             )
 
@@ -195,6 +197,28 @@ async def play(request: web.Request) -> web.StreamResponse:
         headers["Location"] = cdn.signed_url(rendition["object_key"])
         return web.Response(status=302, headers=headers)
     return await _proxy(request, track, rendition, headers, state, preload, started)
+
+
+def _pinned(
+    request: web.Request,
+    state: SessionState | None,
+    track: TrackInfo,
+    who: auth.Principal,
+    requested_bitrate: int | None,
+) -> quality.Choice | None:
+    """A range from the middle of a track the session is already playing (a seek, a resumed
+    download) must come from the same file: bytes of two renditions never mix in one track."""
+    if state is None or state.choice_track != track.id or requested_bitrate is not None:
+        return None
+    if "format" in request.query or state.format is None or state.bitrate_kbps is None:
+        return None
+    header = request.headers.get("Range", "").replace(" ", "").lower()
+    if not header or header.startswith("bytes=0-"):
+        return None  # a (re)start from the beginning may choose afresh
+    current = quality.Rendition(state.format, state.bitrate_kbps)
+    if current not in track.ladder or not quality.tier_allows(who.tier, current):
+        return None
+    return quality.Choice(current, None, "same rendition as the rest of this track")
 
 
 async def _open_session(

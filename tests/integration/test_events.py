@@ -402,13 +402,18 @@ async def test_a_batch_arriving_in_pieces_is_read_whole(ready: Client) -> None:
     for chunked in (False, True):
         reader, writer = await asyncio.open_connection(ready.server.host, ready.server.port)
         framing = (
-            b"Transfer-Encoding: chunked\r\n" if chunked
+            b"Transfer-Encoding: chunked\r\n"
+            if chunked
             else f"Content-Length: {len(body)}\r\n".encode()
         )
         head = (
-            f"POST {URL} HTTP/1.1\r\nHost: edge\r\nAuthorization: {token}\r\n"
-            "Content-Type: application/json\r\nConnection: close\r\n"
-        ).encode() + framing + b"\r\n"
+            (
+                f"POST {URL} HTTP/1.1\r\nHost: edge\r\nAuthorization: {token}\r\n"
+                "Content-Type: application/json\r\nConnection: close\r\n"
+            ).encode()
+            + framing
+            + b"\r\n"
+        )
 
         def frame(part: bytes, chunked: bool = chunked) -> bytes:
             return f"{len(part):x}\r\n".encode() + part + b"\r\n" if chunked else part

@@ -587,6 +587,29 @@ async def test_buffer_events_step_the_next_choice_down(
     assert chosen(await play(client, hells, sid=SID_B)) == ("mp3", "320", None)
 
 
+async def test_a_seek_stays_on_the_rendition_of_the_track(
+    make_client: MakeClient, playable: dict[str, Any]
+) -> None:
+    """Buffering steps the next choice down, but a range from the middle of the track being
+    played comes from the same file: bytes of two renditions never mix within one track."""
+    client = await make_client()
+    hells = playable["tracks"]["hells"]
+    first = await play(client, hells, sid=SID_A, mode="proxy")
+    assert (first.headers["X-Stream-Format"], first.headers["X-Stream-Bitrate"]) == ("mp3", "320")
+    await first.read()
+    await drain(client)
+    resp = await post_events(client, [{"sid": SID_A, "type": "waiting", "position": 1.0}])
+    assert resp.status == 202
+    seek = await play(client, hells, sid=SID_A, mode="proxy", headers={"Range": "bytes=4000-4999"})
+    assert seek.status == 206
+    assert (seek.headers["X-Stream-Format"], seek.headers["X-Stream-Bitrate"]) == ("mp3", "320")
+    assert await seek.read() == file_bytes(playable, "hells", "mp3", 320)[4000:5000]
+    # Starting the track again (from byte 0) chooses afresh: now a rung lower.
+    restart = await play(client, hells, sid=SID_A, mode="proxy", headers={"Range": "bytes=0-"})
+    assert restart.headers["X-Stream-Downgraded"] == "buffering"
+    await restart.read()
+
+
 async def test_measured_throughput_is_recorded_and_used(
     make_client: MakeClient,
     playable: dict[str, Any],

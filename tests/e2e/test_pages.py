@@ -1,0 +1,325 @@
+"""The web page in real headless Chromium: listing, search (with and without JavaScript), the
+player (play, seek by Range request, the album continuing with a preloaded next track, events
+reaching /api/v1/events), the demo tier selector, escaping and the CSP. Screenshots of home,
+search and the playing state are kept in artifacts/."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from playwright.async_api import Page, Request
+
+from edge import keys
+from tests.e2e.browser import artifact, browser
+
+pytestmark = pytest.mark.e2e
+
+Client = TestClient[web.Request, web.Application]
+WAIT_MS = 15000
+XSS = "<script>alert(1)</script>"
+
+
+class Rows(HTMLParser):
+    """Track rows and "More" links of a page, read the way a browser without JS would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buttons: list[dict[str, str | None]] = []
+        self.more: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "button" and "play" in (a.get("class") or ""):
+            self.buttons.append(a)
+        if tag == "a" and a.get("rel") == "next" and a.get("href"):
+            self.more.append(a["href"] or "")
+
+
+def rows(html: str) -> Rows:
+    parser = Rows()
+    parser.feed(html)
+    return parser
+
+
+async def page_html(client: Client, path: str) -> str:
+    response = await client.get(path)
+    assert response.status == 200, await response.text()
+    assert response.content_type == "text/html"
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    return await response.text()
+
+
+def player_events(client: Client) -> float:
+    total = 0.0
+    for family in client.app[keys.METRICS].registry.collect():
+        for sample in family.samples:
+            if sample.name == "edge_player_events_total":
+                total += sample.value
+    return total
+
+
+def watch(page: Page) -> tuple[list[Request], list[str]]:
+    requests: list[Request] = []
+    errors: list[str] = []
+    page.on("request", lambda r: requests.append(r))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("dialog", lambda d: errors.append(f"dialog: {d.message}"))
+    return requests, errors
+
+
+def play_requests(requests: list[Request], track_id: int) -> list[Request]:
+    return [r for r in requests if re.search(rf"/play/{track_id}\?", r.url)]
+
+
+async def test_home_lists_popular_and_recent(make_client: Any, catalog: dict[str, Any]) -> None:
+    client = await make_client(allow_anonymous=True)
+    html = await page_html(client, "/")
+    found = rows(html)
+    titles = [b["data-title"] for b in found.buttons]
+    assert "Losing My Religion" in titles and "Hells Bells" in titles
+    assert 'aria-label="Play Losing My Religion"' in html
+
+    async with browser() as b:
+        page = await b.new_page(viewport={"width": 1280, "height": 1000})
+        _, errors = watch(page)
+        response = await page.goto(str(client.make_url("/")))
+        assert response is not None and response.status == 200
+        headers = await response.all_headers()
+        assert "script-src 'self'" in headers["content-security-policy"]
+        popular = await page.locator("#popular li.track .title").all_inner_texts()
+        recent = await page.locator("#recent li.track .title").all_inner_texts()
+        assert popular[0] == "Losing My Religion"  # the most played first
+        assert len(popular) == 13 and len(recent) == 13
+        row = page.locator("#popular li.track").first
+        assert await row.locator("a.artist").inner_text() == "R.E.M."
+        assert await row.locator("a.album").inner_text() == "Out of Time"
+        assert await row.locator(".duration").inner_text() == "3:20"
+        await page.screenshot(path=str(artifact("pages-home.png")), full_page=True)
+
+        # A phone: nothing wider than the screen.
+        phone = await b.new_page(viewport={"width": 375, "height": 740})
+        await phone.goto(str(client.make_url("/")))
+        assert await phone.evaluate("document.documentElement.scrollWidth <= innerWidth")
+        await phone.screenshot(path=str(artifact("pages-home-phone.png")), full_page=True)
+    assert errors == []
+
+
+async def test_lists_page_with_cursors_without_js(
+    make_client: Any, catalog: dict[str, Any], db: asyncpg.Connection
+) -> None:
+    artist = catalog["artists"]["solo"]
+    for n in range(25):
+        await db.execute(
+            "INSERT INTO tracks (title, artist_id, genre, duration_ms, play_count)"
+            " VALUES ($1, $2, 'chiptune', 61000, $3)",
+            f"Blip {n:02d}",
+            artist,
+            1000 - n,
+        )
+    client = await make_client(allow_anonymous=True)
+    first = rows(await page_html(client, "/genres/chiptune"))
+    assert [b["data-title"] for b in first.buttons] == [f"Blip {n:02d}" for n in range(20)]
+    assert len(first.more) == 1 and "cursor=" in first.more[0]
+    second = rows(await page_html(client, first.more[0].replace("&amp;", "&")))
+    assert [b["data-title"] for b in second.buttons] == [f"Blip {n:02d}" for n in range(20, 25)]
+    assert second.more == []
+    # The artist page pages the same way, and lists the albums.
+    artist_page = rows(await page_html(client, f"/artists/{artist}"))
+    assert len(artist_page.buttons) == 20 and len(artist_page.more) == 1
+    html = await page_html(client, f"/artists/{catalog['artists']['acdc']}")
+    assert "Back in Black" in html and "Highway to Hell" in html
+    html = await page_html(client, f"/albums/{catalog['albums']['black']}")
+    assert 'href="/genres/rock"' in html
+    assert [b["data-title"] for b in rows(html).buttons] == [
+        "Hells Bells",
+        "Shoot to Thrill",
+        "Back in Black",
+    ]
+    html = await page_html(client, f"/playlists/{catalog['playlist']}")
+    assert [b["data-track-id"] for b in rows(html).buttons] == [
+        str(i) for i in catalog["playlist_order"]
+    ]
+    for path in ("/albums/999999", "/artists/0", "/genres/nope", "/playlists/x"):
+        response = await client.get(path)
+        assert response.status == 404 and response.content_type == "text/html"
+    response = await client.get("/genres/chiptune", params={"cursor": "bogus"})
+    assert response.status == 400 and response.content_type == "text/html"
+
+
+async def test_search_by_form_as_you_type_and_without_js(
+    make_client: Any, catalog: dict[str, Any]
+) -> None:
+    client = await make_client(allow_anonymous=True)
+    html = await page_html(client, "/search?q=hells")
+    assert "Hells Bells" in [b["data-title"] for b in rows(html).buttons]
+    assert rows(await page_html(client, "/search?q=")).buttons == []
+
+    async with browser() as b:
+        page = await b.new_page(viewport={"width": 1280, "height": 900})
+        _, errors = watch(page)
+        await page.goto(str(client.make_url("/")))
+        await page.get_by_label("Search tracks, artists, albums").fill("hells bells")
+        async with page.expect_navigation(timeout=WAIT_MS):
+            await page.keyboard.press("Enter")
+        assert "/search?q=hells+bells" in page.url
+        titles = await page.locator("#results li.track .title").all_inner_texts()
+        assert titles[0] == "Hells Bells"
+        await page.screenshot(path=str(artifact("pages-search.png")), full_page=True)
+
+        # As you type: the results change without a navigation.
+        await page.get_by_label("Search tracks, artists, albums").fill("shoot")
+        await page.wait_for_function(
+            "() => document.querySelector('#results .title')?.textContent === 'Shoot to Thrill'",
+            timeout=WAIT_MS,
+        )
+        assert "q=shoot" in page.url
+    assert errors == []
+
+
+async def test_play_continues_with_the_preloaded_next_track_and_reports_events(
+    make_client: Any, playable: dict[str, Any]
+) -> None:
+    client = await make_client(allow_anonymous=True)
+    hells, shoot = playable["tracks"]["hells"], playable["tracks"]["shoot"]
+    async with browser() as b:
+        page = await b.new_page(viewport={"width": 1280, "height": 900})
+        requests, errors = watch(page)
+        await page.goto(str(client.make_url(f"/albums/{playable['albums']['black']}")))
+        async with page.expect_response(
+            lambda r: "/api/v1/events" in r.url, timeout=WAIT_MS
+        ) as beacon:
+            await page.get_by_role("button", name="Play Hells Bells").click()
+            await page.wait_for_function(
+                f"() => edgePlayer.track === '{hells}' && edgePlayer.audio.currentTime > 0.5"
+                " && !edgePlayer.audio.paused",
+                timeout=WAIT_MS,
+            )
+            await page.screenshot(path=str(artifact("pages-playing.png")), full_page=True)
+            assert await page.locator("#now-title").inner_text() == "Hells Bells"
+            assert re.fullmatch(
+                r"(MP3|AAC|FLAC) \d+ kbit/s.*", await page.locator("#quality").inner_text()
+            )
+        assert (await beacon.value).status == 202
+        assert player_events(client) >= 1
+
+        # The album goes on: Shoot to Thrill plays after Hells Bells ends.
+        await page.wait_for_function(
+            f"() => edgePlayer.track === '{shoot}' && edgePlayer.audio.currentTime > 0.3"
+            " && !edgePlayer.audio.paused",
+            timeout=WAIT_MS,
+        )
+        assert await page.locator("#now-title").inner_text() == "Shoot to Thrill"
+        first = play_requests(requests, hells)
+        assert first[0].method == "HEAD" and f"next={shoot}" in first[0].url
+        assert all("mode=proxy" in r.url for r in first)
+        # It was preloaded (the Link hint: preload=1) before Hells Bells ended: before the
+        # player asked for it as the current track.
+        second = play_requests(requests, shoot)
+        preloads = [r for r in second if "preload=1" in r.url]
+        asked = [r for r in second if "preload=1" not in r.url]
+        assert {r.method for r in preloads} == {"HEAD", "GET"}
+        fetched = next(r for r in preloads if r.method == "GET")
+        assert asked and requests.index(fetched) < requests.index(asked[0])
+        sid = await page.evaluate("edgePlayer.sid")
+        assert all(f"sid={sid}" in r.url for r in second)
+
+        before = player_events(client)
+        async with page.expect_response(lambda r: "/api/v1/events" in r.url, timeout=WAIT_MS):
+            await page.evaluate("edgePlayer.flush()")
+            await page.get_by_role("button", name="Pause").click()
+            await page.evaluate("edgePlayer.flush()")
+        assert player_events(client) > before
+    assert errors == []
+
+
+async def test_demo_tier_and_seek_by_range_request(
+    make_client: Any, playable: dict[str, Any]
+) -> None:
+    client = await make_client(allow_anonymous=True)
+    hells = playable["tracks"]["hells"]
+    async with browser() as b:
+        page = await b.new_page(viewport={"width": 1280, "height": 900})
+        requests, errors = watch(page)
+        await page.goto(str(client.make_url(f"/albums/{playable['albums']['black']}")))
+        async with page.expect_navigation(timeout=WAIT_MS):
+            await page.get_by_label("Demo tier").select_option("hifi")
+        cookies = {c["name"]: c for c in await page.context.cookies()}
+        assert cookies["edge_token"]["httpOnly"] and cookies["edge_token"]["sameSite"] == "Lax"
+        assert await page.get_by_label("Demo tier").input_value() == "hifi"
+
+        # A slow network, so that a seek lands beyond what has arrived.
+        cdp = await page.context.new_cdp_session(page)
+        await cdp.send("Network.enable")
+        await cdp.send(
+            "Network.emulateNetworkConditions",
+            {"offline": False, "latency": 20, "downloadThroughput": 24_000, "uploadThroughput": -1},
+        )
+        await page.get_by_role("button", name="Play Hells Bells").click()
+        await page.wait_for_function(
+            "() => edgePlayer.audio.readyState >= 1 && isFinite(edgePlayer.audio.duration)",
+            timeout=WAIT_MS,
+        )
+        assert (await page.locator("#quality").inner_text()).startswith("FLAC")
+        async with page.expect_request(
+            lambda r: (
+                f"/play/{hells}?" in r.url and r.headers.get("range", "bytes=0-") != "bytes=0-"
+            ),
+            timeout=WAIT_MS,
+        ) as ranged:
+            await page.evaluate("edgePlayer.seek(edgePlayer.audio.duration - 0.3)")
+        response = await (await ranged.value).response()
+        assert response is not None and response.status == 206
+        assert play_requests(requests, hells)[0].method == "HEAD"
+    assert errors == []
+
+
+async def test_demo_token_only_where_anonymous_listening_is_allowed(
+    make_client: Any, catalog: dict[str, Any]
+) -> None:
+    closed = await make_client()
+    response = await closed.post("/demo/token", data={"tier": "hifi"}, allow_redirects=False)
+    assert response.status == 404
+    assert 'name="tier"' not in await (await closed.get("/")).text()
+
+    client = await make_client(allow_anonymous=True)
+    response = await client.post(
+        "/demo/token", data={"tier": "premium", "back": "//evil.example/"}, allow_redirects=False
+    )
+    assert response.status == 303 and response.headers["Location"] == "/"
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
+    who = client.app[keys.VERIFIER].verify(response.cookies["edge_token"].value)
+    assert (who.user_id, who.tier) == ("demo-premium", "premium")
+    response = await client.post("/demo/token", data={"tier": "gold"}, allow_redirects=False)
+    assert response.status == 400
+
+
+async def test_catalog_strings_are_escaped(
+    make_client: Any, catalog: dict[str, Any], db: asyncpg.Connection
+) -> None:
+    artist = await db.fetchval("INSERT INTO artists (name) VALUES ($1) RETURNING id", XSS)
+    await db.execute(
+        "INSERT INTO tracks (title, artist_id, genre, duration_ms) VALUES ($1, $2, $3, 1000)",
+        XSS,
+        artist,
+        XSS,
+    )
+    client = await make_client(allow_anonymous=True)
+    html = await page_html(client, f"/artists/{artist}")
+    assert XSS not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+    async with browser() as b:
+        page = await b.new_page()
+        _, errors = watch(page)
+        for path in ("/", f"/artists/{artist}", "/search?q=alert+script"):
+            await page.goto(str(client.make_url(path)))
+            assert await page.locator("li.track .title", has_text=XSS).count() >= 1
+            assert await page.locator("main script").count() == 0
+        await page.get_by_role("button", name=f"Play {XSS}").first.focus()
+    assert errors == []
