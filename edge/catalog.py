@@ -244,6 +244,10 @@ LIMIT $2
 REFRESH_POPULAR_SQL = "REFRESH MATERIALIZED VIEW CONCURRENTLY popular_tracks_mv"
 
 
+class DatabaseUnavailable(Exception):
+    """PostgreSQL is unreachable, refusing connections, or no pooled connection came in time."""
+
+
 class CursorError(ValueError):
     """A cursor that this endpoint did not issue (or that was tampered with)."""
 
@@ -332,6 +336,19 @@ class Catalog:
         )
 
     async def _run(self, name: str, method: str, sql: str, args: tuple[Any, ...]) -> Any:
+        try:
+            return await self._run_once(name, method, sql, args)
+        except (
+            asyncpg.PostgresConnectionError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.TooManyConnectionsError,
+            asyncpg.InterfaceError,
+            OSError,
+            TimeoutError,
+        ) as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _run_once(self, name: str, method: str, sql: str, args: tuple[Any, ...]) -> Any:
         m = self.metrics
         waiting_since = time.perf_counter()
         m.db_pool_waiters.inc()

@@ -45,7 +45,9 @@ class Upstream:
         try:
             while True:
                 try:
-                    block = await asyncio.wait_for(self.response.content.read(_CHUNK), read_timeout)
+                    # asyncio.timeout, not wait_for: no task per chunk on the hot path.
+                    async with asyncio.timeout(read_timeout):
+                        block = await self.response.content.read(_CHUNK)
                 except TimeoutError:
                     raise UpstreamError(504, "timeout", "origin went silent mid-body") from None
                 if not block:

@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from edge import keys
+from edge.catalog import DatabaseUnavailable
 from edge.errors import ApiError, json_error
 
 log = structlog.get_logger("edge.access")
@@ -42,15 +43,16 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
         response.headers["X-Request-ID"] = request_id
 
 
-# PostgreSQL is down, restarting, refusing connections, or our pool waited too long.
+# PostgreSQL is down, restarting, refusing connections, or our pool waited too long (the
+# catalog says so; a bare OSError here is a client gone, not a database).
 _DB_UNAVAILABLE = (
+    DatabaseUnavailable,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
-    OSError,
-    TimeoutError,
 )
+_CLIENT_GONE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
 
 # Pages load only what Edge serves; no inline script, no framing.
@@ -158,6 +160,10 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         log.info("http_error", code=code, status=exc.status)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return json_error(exc.status, code, exc.reason, headers)
+    except _CLIENT_GONE:
+        # The player hung up before we could answer: nothing to send, nothing to page about.
+        log.debug("client_gone", route=_route_name(request))
+        return web.Response(status=499)
     except _DB_UNAVAILABLE as exc:
         metrics.errors.labels("database_unavailable").inc()
         metrics.db_errors.labels("unavailable").inc()

@@ -129,8 +129,21 @@ async def streaming_ctx(app: web.Application) -> AsyncIterator[None]:
     urls = SignedUrlCache(signer, settings.signed_url_lifetime, settings.signed_url_window)
     app[keys.SESSIONS] = Sessions(app[keys.REDIS], settings.redis_key_prefix)
     app[keys.BACKGROUND] = Background()
-    connector = aiohttp.TCPConnector(limit=512, limit_per_host=256, keepalive_timeout=30)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as client:
+    # A proxied stream holds its upstream connection for its whole length: the pool is sized
+    # for streams, not requests (waiting for a free connection would count against the
+    # connect timeout and turn into 504s). Idle connections are dropped well before the read
+    # timeout, so a reused connection never carries a stale read timer.
+    connector = aiohttp.TCPConnector(
+        limit=settings.upstream_connections,
+        limit_per_host=settings.upstream_connections,
+        keepalive_timeout=max(1.0, min(30.0, settings.upstream_read_timeout / 2)),
+    )
+    async with aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        # Small read-ahead per stream: memory per slow player stays bounded and small.
+        read_bufsize=16 * 1024,
+    ) as client:
         app[keys.HTTP_CLIENT] = client
         app[keys.CDN] = Cdn(
             settings.cdn_base,

@@ -87,6 +87,7 @@ class Settings:
     upstream_connect_timeout: float = 2.0
     upstream_read_timeout: float = 10.0
     plays_flush_seconds: float = 5.0
+    upstream_connections: int = 4096
     play_threshold_seconds: float = 30.0
     slow_query_ms: float = 100.0
     search_broad_matches: int = 20_000
@@ -203,6 +204,7 @@ class Settings:
             upstream_connect_timeout=e.number("EDGE_UPSTREAM_CONNECT_TIMEOUT", 2.0, minimum=0.01),
             upstream_read_timeout=e.number("EDGE_UPSTREAM_READ_TIMEOUT", 10.0, minimum=0.01),
             plays_flush_seconds=e.number("EDGE_PLAYS_FLUSH_SECONDS", 5.0, minimum=0.05),
+            upstream_connections=e.integer("EDGE_UPSTREAM_CONNECTIONS", 4096, minimum=1),
             play_threshold_seconds=e.number("EDGE_PLAY_THRESHOLD_SECONDS", 30.0, minimum=0.0),
             slow_query_ms=e.number("EDGE_SLOW_QUERY_MS", 100.0, minimum=0.0),
             search_broad_matches=e.integer("EDGE_SEARCH_BROAD_MATCHES", 20_000, minimum=1),

@@ -85,9 +85,9 @@ async def send(
     response.content_length = length
     if decision.status == 206 and boundary is None:
         response.headers["Content-Range"] = decision.ranges[0].content_range(rep.size)
-    await response.prepare(request)
     sent = 0
     try:
+        await response.prepare(request)
         if decision.status == 200:
             sent += await _pump(response, source(None), rep.size, sent)
         elif boundary is None:
