@@ -8,27 +8,35 @@
   const bar = $("#player");
 
   // -- search as you type: the server renders the results; this swaps them in --------------
+  // #results is looked up when the answer arrives: in-page navigation (below) may have
+  // replaced the page since, or brought a search page in.
   const searchBox = $("#q");
-  const results = $("#results");
-  if (searchBox && results) {
+  let searchSeq = 0; // a navigation bumps it too, so a late answer never lands on a new page
+  let shown = location.pathname + location.search; // the address of what <main> shows
+  if (searchBox) {
     let timer = 0;
-    let seq = 0;
     searchBox.addEventListener("input", () => {
       clearTimeout(timer);
+      if (!document.getElementById("results")) return;
       timer = setTimeout(async () => {
         const q = searchBox.value.trim();
         if (!/[\p{L}\p{N}]/u.test(q)) return;
-        const mine = ++seq;
+        const mine = ++searchSeq;
         const url = new URL(searchBox.form.action, location.href);
         url.searchParams.set("q", q);
         try {
           const r = await fetch(url, { headers: { Accept: "text/html" } });
-          if (!r.ok || mine !== seq) return;
+          if (!r.ok || mine !== searchSeq) return;
           const doc = new DOMParser().parseFromString(await r.text(), "text/html");
           const fresh = doc.getElementById("results");
-          if (fresh && mine === seq) {
+          const results = document.getElementById("results");
+          if (fresh && results && mine === searchSeq) {
             results.replaceChildren(...fresh.childNodes);
-            history.replaceState(null, "", url);
+            history.replaceState(history.state, "", url);
+            if (doc.title) document.title = doc.title;
+            shown = url.pathname + url.search;
+            const back = $("form.tier input[name=back]");
+            if (back) back.value = shown;
           }
         } catch (e) { /* keep the current results */ }
       }, 250);
@@ -136,12 +144,35 @@
     ui.title.textContent = t.title;
     ui.artist.textContent = t.artist ? `— ${t.artist}` : "";
     ui.where.textContent = queue.length > 1 ? `Track ${index + 1} of ${queue.length}` : "";
-    for (const q of queue) q.row && q.row.removeAttribute("aria-current");
-    if (t.row) t.row.setAttribute("aria-current", "true");
+    markCurrent();
     ui.prev.disabled = index <= 0;
     ui.next.disabled = index >= queue.length - 1;
     ui.toggle.disabled = false;
     ui.status.textContent = "";
+  }
+
+  // The row of the playing track, where the page shows it (another page may be shown by now).
+  function markCurrent() {
+    for (const row of document.querySelectorAll("li.track[aria-current]")) {
+      row.removeAttribute("aria-current");
+    }
+    const t = index >= 0 ? queue[index] : null;
+    if (t && t.row && t.row.isConnected) t.row.setAttribute("aria-current", "true");
+  }
+
+  // After in-page navigation: when the new content shows the very list that is playing (back
+  // to the album), the queue's rows become the new ones. The queue itself does not change.
+  function relink(root) {
+    if (!queue.length) return;
+    const ids = queue.map((t) => t.id).join(",");
+    for (const list of root.querySelectorAll("[data-queue]")) {
+      const buttons = [...list.querySelectorAll("button.play")];
+      if (buttons.map((b) => b.dataset.trackId).join(",") === ids) {
+        buttons.forEach((b, i) => { queue[i].row = b.closest(".track"); });
+        break;
+      }
+    }
+    markCurrent();
   }
 
   function showQuality(r) {
@@ -298,6 +329,131 @@
   });
   ui.volume.addEventListener("input", () => {
     for (const d of decks) d.volume = Number(ui.volume.value);
+  });
+
+  // -- in-page navigation: the music goes on while browsing ---------------------------------
+  // Links and the search form that lead to a page are fetched and their <main> swapped in, with
+  // history.pushState; back/forward does the same. Anything unexpected (a network error, a
+  // response that is not one of our pages) falls back to a normal page load. Without
+  // JavaScript, links and forms work as they always did.
+  const main = $("#content");
+  const PAGE = /^\/(?:|search|(?:artists|albums|genres|playlists)\/[^/]+)$/;
+  let navSeq = 0;
+  let navAbort = null;
+  // Scroll positions by history entry, kept here: no replaceState of the entry being left.
+  const scrolls = new Map();
+  let entry = (history.state && history.state.edge) || "start";
+  if ("scrollRestoration" in history) history.scrollRestoration = "manual";
+
+  function routable(href) {
+    let url;
+    try { url = new URL(href, location.href); } catch (e) { return null; }
+    return url.origin === location.origin && PAGE.test(url.pathname) ? url : null;
+  }
+
+  async function navigate(url, how) {
+    const mine = ++navSeq;
+    searchSeq++; // a late as-you-type answer must not land on the new page
+    if (navAbort) navAbort.abort();
+    const ctrl = new AbortController();
+    navAbort = ctrl;
+    const fallback = () => {
+      if (how === "pop") location.reload(); else location.assign(url.href);
+    };
+    main.setAttribute("aria-busy", "true");
+    let doc;
+    let target = url;
+    try {
+      const r = await fetch(url, { headers: { Accept: "text/html" }, signal: ctrl.signal,
+                                   credentials: "same-origin" });
+      const type = (r.headers.get("Content-Type") || "").split(";")[0].trim();
+      if (type !== "text/html") throw new Error(`not a page: ${type || "no type"}`);
+      if (r.redirected) {
+        target = routable(r.url);
+        if (!target) throw new Error("redirected away from the pages");
+        target.hash = url.hash;
+      }
+      doc = new DOMParser().parseFromString(await r.text(), "text/html");
+    } catch (err) {
+      if (mine === navSeq) { main.removeAttribute("aria-busy"); fallback(); }
+      return;
+    }
+    if (mine !== navSeq) return; // another navigation was started meanwhile
+    main.removeAttribute("aria-busy");
+    const fresh = doc.getElementById("content");
+    if (!fresh) { fallback(); return; }
+
+    if (how === "push") {
+      scrolls.set(entry, scrollY);
+      entry = `${Date.now().toString(36)}.${navSeq}`;
+      if (target.href === location.href) history.replaceState({ edge: entry }, "", target.href);
+      else history.pushState({ edge: entry }, "", target.href);
+    }
+    shown = target.pathname + target.search;
+    main.replaceChildren(...fresh.childNodes);
+    document.title = doc.title;
+    // The header's bits that depend on the page: the query shown, where the tier form returns.
+    const q = doc.getElementById("q");
+    if (searchBox && q && document.activeElement !== searchBox) searchBox.value = q.value;
+    const back = $("form.tier input[name=back]");
+    const freshBack = doc.querySelector("form.tier input[name=back]");
+    if (back && freshBack) back.value = freshBack.value;
+    relink(main);
+
+    // Screen readers: focus the new page's heading (the whole <main> where it has none).
+    const heading = main.querySelector("h1") || main;
+    if (heading !== main) heading.tabIndex = -1;
+    heading.focus({ preventScroll: true });
+    const anchor = target.hash && document.getElementById(decodeURIComponent(target.hash.slice(1)));
+    const scroll = how === "pop" ? scrolls.get(entry) : undefined;
+    if (scroll !== undefined) scrollTo(0, scroll);
+    else if (anchor) anchor.scrollIntoView();
+    else scrollTo(0, 0);
+  }
+
+  function followable(e) {
+    return !e.defaultPrevented && e.button === 0 &&
+      !(e.metaKey || e.ctrlKey || e.shiftKey || e.altKey);
+  }
+
+  document.addEventListener("click", (e) => {
+    if (!followable(e) || !(e.target instanceof Element)) return;
+    const a = e.target.closest("a[href]");
+    if (!a || a.hasAttribute("download") || (a.target && a.target !== "_self")) return;
+    const url = routable(a.href);
+    if (!url) return;
+    // An anchor on this very page (the skip link): the browser does that best.
+    if (url.hash && url.pathname + url.search === shown) return;
+    e.preventDefault();
+    navigate(url, "push");
+  });
+
+  // Only the search form: the demo tier form posts, and is left to the browser.
+  document.addEventListener("submit", (e) => {
+    const form = e.target;
+    if (e.defaultPrevented || !form.matches("form.search") ||
+        form.method.toLowerCase() !== "get") return;
+    const url = routable(form.action);
+    if (!url) return;
+    const data = new FormData(form, e.submitter);
+    url.search = new URLSearchParams([...data].filter(([, v]) => typeof v === "string"));
+    e.preventDefault();
+    navigate(url, "push");
+  });
+
+  addEventListener("popstate", (e) => {
+    if (location.pathname + location.search === shown) return; // only the #anchor changed
+    scrolls.set(entry, scrollY);
+    entry = (e.state && e.state.edge) || "start";
+    navigate(new URL(location.href), "pop");
+  });
+
+  // A reload or a later visit restores the scroll position as browsers do.
+  addEventListener("pagehide", () => {
+    if ("scrollRestoration" in history) history.scrollRestoration = "auto";
+  });
+  addEventListener("pageshow", (e) => {
+    if (e.persisted && "scrollRestoration" in history) history.scrollRestoration = "manual";
   });
 
   // For tests and the curious: what the player is doing.

@@ -238,6 +238,97 @@ async def test_play_continues_with_the_preloaded_next_track_and_reports_events(
     assert errors == []
 
 
+async def keeps_playing(page: Page) -> None:
+    """The player plays on: the current track's time advances beyond what it is now (or the
+    queue has moved on to its next track)."""
+    track, now = await page.evaluate("[edgePlayer.track, edgePlayer.audio.currentTime]")
+    await page.wait_for_function(
+        "([track, now]) => !edgePlayer.audio.paused && (edgePlayer.track !== track"
+        " || edgePlayer.audio.currentTime > now + 0.25)",
+        arg=[track, now],
+        timeout=WAIT_MS,
+    )
+
+
+async def test_browsing_keeps_the_music_playing(make_client: Any, playable: dict[str, Any]) -> None:
+    client = await make_client(allow_anonymous=True)
+    hells, shoot = playable["tracks"]["hells"], playable["tracks"]["shoot"]
+    album, artist = playable["albums"]["black"], playable["artists"]["acdc"]
+    async with browser() as b:
+        page = await b.new_page(viewport={"width": 1280, "height": 900})
+        _, errors = watch(page)
+        page.on("console", lambda m: m.type == "error" and errors.append(f"console: {m.text}"))
+        await page.goto(str(client.make_url(f"/albums/{album}")))
+        # Gone with any full page load.
+        await page.evaluate("window.sameDocument = true")
+        await page.get_by_role("button", name="Play Hells Bells").click()
+        await page.wait_for_function(
+            f"() => edgePlayer.track === '{hells}' && edgePlayer.audio.currentTime > 0.2"
+            " && !edgePlayer.audio.paused",
+            timeout=WAIT_MS,
+        )
+        await page.wait_for_function(
+            "() => document.querySelector('main li.track[aria-current] .title')?.textContent"
+            " === 'Hells Bells'",
+            timeout=WAIT_MS,
+        )
+
+        # Following the artist link: the artist page is shown, in the same document.
+        await page.locator("main p.sub a", has_text="AC/DC").click()
+        await page.wait_for_url(f"**/artists/{artist}", timeout=WAIT_MS)
+        await page.get_by_role("heading", name="Albums").wait_for(timeout=WAIT_MS)
+        assert await page.locator("main h1").inner_text() == "AC/DC"
+        assert await page.title() == "AC/DC · Edge"
+        assert await page.evaluate("window.sameDocument") is True
+        # The heading has the focus, for screen readers.
+        assert await page.evaluate("document.activeElement === document.querySelector('main h1')")
+        await keeps_playing(page)
+        # The album is still the queue: next goes to its second track (of 3; the artist has 4).
+        await page.get_by_role("button", name="Next track").click()
+        await page.wait_for_function(
+            f"() => edgePlayer.track === '{shoot}' && !edgePlayer.audio.paused",
+            timeout=WAIT_MS,
+        )
+        assert await page.locator("#position-in-queue").inner_text() == "Track 2 of 3"
+        await keeps_playing(page)
+
+        # Back: the album again, still the same document, still playing, its row marked.
+        await page.go_back(timeout=WAIT_MS)
+        await page.wait_for_url(f"**/albums/{album}", timeout=WAIT_MS)
+        await page.get_by_role("list", name="Tracks of Back in Black").wait_for(timeout=WAIT_MS)
+        assert await page.locator("main h1").inner_text() == "Back in Black"
+        assert await page.title() == "Back in Black · Edge"
+        assert await page.evaluate("window.sameDocument") is True
+        await keeps_playing(page)
+        await page.wait_for_function(
+            "() => document.querySelector('main li.track[aria-current] .title')?.textContent"
+            " === document.querySelector('#now-title').textContent",
+            timeout=WAIT_MS,
+        )
+
+        # Forward to the artist, and play there: now the artist's tracks are the queue.
+        await page.go_forward(timeout=WAIT_MS)
+        await page.wait_for_url(f"**/artists/{artist}", timeout=WAIT_MS)
+        await page.get_by_role("button", name="Play Hells Bells").click()
+        await page.wait_for_function(
+            f"() => edgePlayer.track === '{hells}' && !edgePlayer.audio.paused",
+            timeout=WAIT_MS,
+        )
+        assert await page.locator("#position-in-queue").inner_text() == "Track 3 of 4"
+        assert await page.evaluate("window.sameDocument") is True
+
+        # A full reload still works, with a working page.
+        await page.reload(timeout=WAIT_MS)
+        assert await page.evaluate("window.sameDocument") is None
+        assert await page.locator("main h1").inner_text() == "AC/DC"
+        await page.get_by_role("button", name="Play Hells Bells").click()
+        await page.wait_for_function(
+            f"() => edgePlayer.track === '{hells}' && edgePlayer.audio.currentTime > 0.2",
+            timeout=WAIT_MS,
+        )
+    assert errors == []
+
+
 async def test_demo_tier_and_seek_by_range_request(
     make_client: Any, playable: dict[str, Any]
 ) -> None:
