@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
-_CHUNK = 256 * 1024
+_CHUNK = 64 * 1024  # per read: memory per stream stays small with many slow players
 _TYPES = {".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".flac": "audio/flac"}
 
 
