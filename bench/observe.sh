@@ -22,17 +22,19 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-start() {  # name, extra env...
+port=""
+start() {  # name, extra env...; sets $port (not in a subshell, so the trap sees every pid)
     local name=$1; shift
-    local port; port=$(free_port)
+    port=$(free_port)
     env "$@" EDGE_PORT="$port" EDGE_LOG_FORMAT=json EDGE_REDIS_KEY_PREFIX="observe-$name:" \
         taskset -c 0 edge serve >"$out/$name.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
-    echo "$port"
 }
-with_port=$(start with EDGE_OBSERVE=true EDGE_LOG_LEVEL=INFO)
-without_port=$(start without EDGE_OBSERVE=false EDGE_LOG_LEVEL=WARNING)
+start with EDGE_OBSERVE=true EDGE_LOG_LEVEL=INFO
+with_port=$port
+start without EDGE_OBSERVE=false EDGE_LOG_LEVEL=WARNING
+without_port=$port
 
 rps() { taskset -c 1 wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/healthz" \
         | tee -a "$out/wrk-$2.txt" | awk '/Requests\/sec/ {print $2}'; }
