@@ -39,7 +39,6 @@ class Upstream:
     """An open origin response; `chunks` yields its body."""
 
     response: aiohttp.ClientResponse
-    status: int
 
     async def chunks(self, read_timeout: float) -> AsyncIterator[bytes]:
         try:
@@ -144,7 +143,7 @@ class Cdn:
                 self.metrics.upstream_errors.labels("cdn", "status").inc()
                 log.error("upstream_inconsistent", key=object_key, problem=problem)
                 raise UpstreamError(502, "status", f"origin answer refused: {problem}")
-            return Upstream(response, response.status)
+            return Upstream(response)
         raise AssertionError("unreachable")
 
     @staticmethod
