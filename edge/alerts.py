@@ -22,6 +22,8 @@ from prometheus_client import Counter
 from edge.metrics import Metrics
 from edge.settings import Settings
 
+_PLAY_ROUTES = frozenset({"play", "play_head"})
+
 log = structlog.get_logger(__name__)
 
 
@@ -142,9 +144,7 @@ class Alerts:
             {
                 "lookups": counter_total(m.cache_lookups),
                 "loads": counter_total(m.cache_loads),
-                "plays": counter_total(
-                    m.http_requests, lambda labels: labels.get("route") in ("play", "play_head")
-                ),
+                "plays": m.http.total(lambda route, _method, _status: route in _PLAY_ROUTES),
                 "stream_errors": counter_total(m.upstream_errors) + counter_total(m.player_errors),
             },
         )

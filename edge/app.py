@@ -24,9 +24,9 @@ STATIC = ROOT / "static"
 
 
 def create_app(settings: Settings) -> web.Application:
-    # observe (request id, access log, HTTP metrics) can be switched off only to measure what
-    # it costs (bench/); errors are always JSON.
-    middlewares = [observe, errors_as_json] if settings.observe else [errors_as_json]
+    # observe (request id, access log, HTTP metrics, JSON errors) can be switched off only to
+    # measure what it costs (bench/); errors are always JSON.
+    middlewares = [observe] if settings.observe else [errors_as_json]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app.on_response_prepare.append(echo_request_id)

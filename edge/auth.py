@@ -23,6 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edge.errors import ApiError
 
+# Who asked, for the access line (which is written after the handler's context is gone).
+USER_ID = web.RequestKey("user_id", str)
+
 Tier = Literal["free", "premium", "hifi"]
 TIERS: tuple[Tier, ...] = ("free", "premium", "hifi")
 COOKIE = "edge_token"
@@ -115,6 +118,7 @@ def principal(request: web.Request, verifier: Verifier, allow_anonymous: bool) -
         raise ApiError(401, "token_required", "a player token is required")
     # The request's log lines (the access line too) say who asked; never the token.
     structlog.contextvars.bind_contextvars(user_id=who.user_id, tier=who.tier)
+    request[USER_ID] = who.user_id
     return who
 
 

@@ -244,6 +244,25 @@ LIMIT $2
 REFRESH_POPULAR_SQL = "REFRESH MATERIALIZED VIEW CONCURRENTLY popular_tracks_mv"
 
 
+# A connection that died under a statement: the statement may be run again on another one.
+# asyncpg reports a backend terminated between statements in several ways, among them an
+# InternalClientError ("cannot switch to state ...") when the FATAL arrives mid-prepare.
+_CONNECTION_LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    ConnectionError,
+)
+# The database cannot be reached or would not serve us in time: no retry.
+_UNREACHABLE = (
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    OSError,
+    TimeoutError,
+)
+
+
 class DatabaseUnavailable(Exception):
     """PostgreSQL is unreachable, refusing connections, or no pooled connection came in time."""
 
@@ -336,17 +355,19 @@ class Catalog:
         )
 
     async def _run(self, name: str, method: str, sql: str, args: tuple[Any, ...]) -> Any:
-        try:
-            return await self._run_once(name, method, sql, args)
-        except (
-            asyncpg.PostgresConnectionError,
-            asyncpg.CannotConnectNowError,
-            asyncpg.TooManyConnectionsError,
-            asyncpg.InterfaceError,
-            OSError,
-            TimeoutError,
-        ) as exc:
-            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        # Every catalog statement is a read, so one that died with its connection (server
+        # restarted, backend terminated, a pooled connection found dead) is run once more on
+        # another connection before the caller hears the database is unavailable.
+        for attempt in (1, 2):
+            try:
+                return await self._run_once(name, method, sql, args)
+            except _CONNECTION_LOST as exc:
+                if attempt == 2:
+                    raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                self.metrics.db_retries.labels(name).inc()
+            except _UNREACHABLE as exc:
+                raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
 
     async def _run_once(self, name: str, method: str, sql: str, args: tuple[Any, ...]) -> Any:
         m = self.metrics

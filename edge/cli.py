@@ -93,6 +93,7 @@ async def _run(app: web.Application, settings: Settings) -> None:
         log.info("stopping")
     finally:
         await runner.cleanup()
+        logs.access_log.flush()
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:

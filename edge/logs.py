@@ -3,9 +3,12 @@ through the same pipeline, and a request id bound with contextvars for the whole
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import time
 
+import orjson
 import structlog
 
 
@@ -41,6 +44,7 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
+    access_log.json_formatter = formatter if fmt == "json" else None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -48,3 +52,109 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     root.setLevel(level)
     # aiohttp's own access log is replaced by ours (one line per request, with the request id).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class AccessLog:
+    """One line per request, written without structlog's per-event processor chain.
+
+    The access line is the one event every request makes, and through structlog and the stdlib
+    handler it costs about 25 µs: more than half of what a small request costs Edge. In JSON
+    mode the line is rendered here with orjson, in the same shape and keys structlog renders
+    (timestamp, level, logger, event, request_id, user_id when known), and the lines of one
+    event-loop iteration are written together to every handler that renders JSON through our
+    formatter (the same streams as every other log line), after the responses went out. In
+    console mode (a terminal) lines go through structlog as usual: readable beats fast there.
+    """
+
+    LOGGER = "edge.access"
+    MAX_PENDING = 1024  # lines; past that a line is written at once rather than queued
+
+    def __init__(self) -> None:
+        self.json_formatter: logging.Formatter | None = None
+        self._pending: list[bytes] = []
+        self._logger = logging.getLogger(self.LOGGER)
+        self._slow = structlog.get_logger(self.LOGGER)
+        self._second = -1
+        self._second_text = ""
+
+    def enabled(self) -> bool:
+        return self._logger.isEnabledFor(logging.INFO)
+
+    def _timestamp(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((now - second) * 1e6):06d}Z"
+
+    def request(
+        self,
+        request_id: str,
+        user_id: str | None,
+        method: str,
+        route: str,
+        path: str,
+        status: int,
+        sent: int | None,
+        seconds: float,
+    ) -> None:
+        """The access line of one request."""
+        if self.json_formatter is None:
+            self._slow.info(
+                "request",
+                method=method,
+                route=route,
+                path=path,
+                status=status,
+                bytes=sent,
+                duration_ms=round(seconds * 1000, 3),
+                **({} if user_id is None else {"user_id": user_id}),
+            )
+            return
+        fields = {
+            "method": method,
+            "route": route,
+            "path": path,
+            "status": status,
+            "bytes": sent,
+            "duration_ms": round(seconds * 1000, 3),
+            "event": "request",
+            "request_id": request_id,
+            "level": "info",
+            "logger": self.LOGGER,
+            "timestamp": self._timestamp(time.time()),
+        }
+        if user_id is not None:
+            fields["user_id"] = user_id
+        self._queue(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
+
+    def _queue(self, line: bytes) -> None:
+        pending = self._pending
+        pending.append(line)
+        if len(pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop (a tool, a test): write now
+                self.flush()
+        elif len(pending) >= self.MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        text = b"".join(self._pending).decode()
+        self._pending.clear()
+        formatter = self.json_formatter
+        for handler in logging.getLogger().handlers:
+            if handler.formatter is formatter and isinstance(handler, logging.StreamHandler):
+                handler.acquire()
+                try:
+                    handler.stream.write(text)
+                    handler.flush()
+                except Exception:  # a broken log stream must not break serving
+                    handler.handleError(logging.makeLogRecord({"msg": "access line"}))
+                finally:
+                    handler.release()
+
+
+access_log = AccessLog()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import re
 import secrets
 import time
@@ -15,8 +14,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from edge import keys
+from edge.auth import USER_ID
 from edge.catalog import DatabaseUnavailable
 from edge.errors import ApiError, json_error
+from edge.logs import access_log
 
 log = structlog.get_logger("edge.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -51,6 +52,7 @@ _DB_UNAVAILABLE = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
 )
 _CLIENT_GONE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
@@ -84,12 +86,6 @@ def _new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
-def _access_log_enabled() -> bool:
-    # Checked before building the event: structlog would otherwise run its processors for a
-    # line the level then drops.
-    return logging.getLogger("edge.access").isEnabledFor(logging.INFO)
-
-
 def _route_name(request: web.Request) -> str:
     route = request.match_info.route
     name = route.name if route is not None else None
@@ -101,84 +97,105 @@ def _route_name(request: web.Request) -> str:
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    incoming = request.headers.get("X-Request-ID", "")
+    """Request id, HTTP metrics, the access line, and errors as JSON (errors_as_json's work,
+    done here so a request passes one middleware, not two). This runs around every request,
+    so it is kept to plain operations (metrics.HttpStats and logs.AccessLog say what they
+    avoid). Each request runs in its own task: what it binds to the log context ends with it.
+    """
+    incoming = request.headers.get("X-Request-ID")
     request_id = incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id()
     request[REQUEST_ID] = request_id
-    structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    metrics = request.app[keys.METRICS]
+    app = request.app
+    http = app[keys.METRICS].http
     started = time.perf_counter()
-    metrics.http_in_flight.inc()
+    http.in_flight += 1
     status = 500
     streamed = False
     sent: int | None = None
     try:
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            response = error_response(request, exc)
         status = response.status
-        streamed = not isinstance(response, web.Response)
+        # (A class check first: isinstance against aiohttp's response classes goes through
+        # ABCMeta, which costs more than the rest of this block.)
+        streamed = type(response) is not web.Response and not isinstance(response, web.Response)
         sent = response.body_length if streamed else response.content_length
         return response
+    except web.HTTPException as exc:  # a redirect raised by a handler
+        status = exc.status
+        raise
     except asyncio.CancelledError:
         status = 499  # the client closed the connection (nginx's convention)
         raise
     finally:
-        metrics.http_in_flight.dec()
         elapsed = time.perf_counter() - started
+        http.in_flight -= 1
         route = _route_name(request)
-        metrics.http_requests.labels(route, request.method, str(status)).inc()
-        metrics.http_duration.labels(route, request.method, f"{status // 100}xx").observe(elapsed)
+        method = request.method
+        http.observe(route, method, status, elapsed)
         # Streamed bodies (proxied audio, media) last as long as the listener's network makes
         # them: they are not response times.
-        if route not in _NOT_RESPONSE_TIMES and not streamed:
-            request.app[keys.ALERTS].observe_response(elapsed)
-        if _access_log_enabled():
-            log.info(
-                "request",
-                method=request.method,
-                route=route,
-                path=request.path,
-                status=status,
-                bytes=sent,
-                duration_ms=round(elapsed * 1000, 3),
+        if not streamed and route not in _NOT_RESPONSE_TIMES:
+            app[keys.ALERTS].observe_response(elapsed)
+        if access_log.enabled():
+            access_log.request(
+                request_id,
+                request.get(USER_ID),
+                method,
+                route,
+                request.path,
+                status,
+                sent,
+                elapsed,
             )
 
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    metrics = request.app[keys.METRICS]
+    """Errors as JSON, without observe (which does this itself)."""
     try:
         return await handler(request)
-    except ApiError as exc:
+    except Exception as exc:
+        return error_response(request, exc)
+
+
+def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The JSON error for what a handler raised (counted and logged); redirects and other
+    non-error HTTPExceptions are raised again."""
+    metrics = request.app[keys.METRICS]
+    if isinstance(exc, ApiError):
         metrics.errors.labels(exc.code).inc()
         log.info("api_error", code=exc.code, status=exc.status, message=exc.message)
         return json_error(exc.status, exc.code, exc.message)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         code = _HTTP_CODES.get(exc.status, "http_error")
         metrics.errors.labels(code).inc()
         log.info("http_error", code=code, status=exc.status)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return json_error(exc.status, code, exc.reason, headers)
-    except _CLIENT_GONE:
+    if isinstance(exc, _CLIENT_GONE):
         # The player hung up before we could answer: nothing to send, nothing to page about.
         log.debug("client_gone", route=_route_name(request))
         return web.Response(status=499)
-    except _DB_UNAVAILABLE as exc:
+    if isinstance(exc, _DB_UNAVAILABLE):
         metrics.errors.labels("database_unavailable").inc()
         metrics.db_errors.labels("unavailable").inc()
         log.error("database_unavailable", error=f"{type(exc).__name__}: {exc}")
         return json_error(
             503, "database_unavailable", "the catalog database is unreachable", {"Retry-After": "1"}
         )
-    except asyncpg.QueryCanceledError:
+    if isinstance(exc, asyncpg.QueryCanceledError):
         metrics.errors.labels("query_timeout").inc()
         metrics.db_errors.labels("timeout").inc()
         log.error("query_timeout")
         return json_error(
             503, "query_timeout", "the catalog query took too long", {"Retry-After": "1"}
         )
-    except Exception:
-        metrics.errors.labels("internal").inc()
-        log.exception("unhandled_error")
-        return json_error(500, "internal", "internal server error")
+    metrics.errors.labels("internal").inc()
+    log.error("unhandled_error", exc_info=exc)
+    return json_error(500, "internal", "internal server error")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
 import pytest
+
+from edge import keys
 
 Client = Any
 
@@ -205,6 +208,49 @@ async def test_request_id_is_echoed_or_generated(client: Client) -> None:
 async def test_readyz(client: Client) -> None:
     body = await get_json(client, "/readyz")
     assert body == {"status": "ready", "checks": {"postgres": "ok", "redis": "ok"}}
+
+
+async def test_statement_whose_connection_dies_is_run_again(
+    make_client: Any, catalog: dict[str, Any], database_url: str
+) -> None:
+    """A backend terminated while it runs a catalog read: the read runs again on a new
+    connection and the listener gets their answer, not an error."""
+    client = await make_client(db_pool_min=1, db_pool_max=2)
+    locker = await asyncpg.connect(database_url)
+    admin = await asyncpg.connect(database_url)
+
+    async def lock_waiter() -> int:
+        """The pid of an Edge backend queued behind the lock (polled for up to 10 s)."""
+        for _ in range(1000):
+            pid = await admin.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND application_name = 'edge'"
+            )
+            if pid is not None:
+                return int(pid)
+            await asyncio.sleep(0.01)
+        raise AssertionError("Edge's statement never queued behind the lock")
+
+    try:
+        blocker = locker.transaction()
+        await blocker.start()
+        await locker.execute("LOCK TABLE artists IN ACCESS EXCLUSIVE MODE")
+        request = asyncio.ensure_future(
+            client.get(f"/api/v1/artists/{catalog['artists']['beyonce']}")
+        )
+        # Edge's statement queues behind the lock; terminate the backend running it.
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", await lock_waiter())
+        # The retry queues behind the same lock on another backend; then let it through.
+        await lock_waiter()
+        await blocker.rollback()
+        resp = await request
+    finally:
+        await locker.close()
+        await admin.close()
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["name"] == "Beyoncé"
+    registry = client.app[keys.METRICS].registry
+    assert registry.get_sample_value("edge_db_retries_total", {"query": "artist"}) == 1.0
 
 
 async def test_database_outage_is_503_and_recovers(

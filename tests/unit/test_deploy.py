@@ -123,6 +123,7 @@ def exported() -> dict[str, set[str]]:
         # A labelled metric exports nothing until a child exists; make one per family.
         if isinstance(collector, MetricWrapperBase) and collector._labelnames:
             collector.labels(*("probe" for _ in collector._labelnames))
+    metrics.http.observe("probe", "GET", 200, 0.001)
     names: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         labels = names.setdefault(family.name, set())

@@ -1,0 +1,140 @@
+"""The per-request instruments: HttpStats (metrics) and AccessLog (the access line)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge import logs
+from edge.metrics import HttpStats
+
+
+def families(stats: HttpStats) -> dict[str, list[tuple[dict[str, str], float, str]]]:
+    registry = CollectorRegistry()
+    registry.register(stats)
+    text = generate_latest(registry).decode()
+    found: dict[str, list[tuple[dict[str, str], float, str]]] = {}
+    for family in text_string_to_metric_families(text):
+        found[family.name] = [(s.labels, s.value, s.name) for s in family.samples]
+    return found
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    stats = HttpStats(buckets=(0.001, 0.01, 0.1))
+    for seconds in (0.0005, 0.001, 0.002, 0.01, 0.5, 3.0):
+        stats.observe("api_track", "GET", 200, seconds)
+    samples = families(stats)["edge_http_request_duration_seconds"]
+    buckets = {labels["le"]: value for labels, value, name in samples if name.endswith("_bucket")}
+    # A value equal to a bound counts in that bucket (Prometheus' le is "less or equal").
+    assert buckets == {"0.001": 2, "0.01": 4, "0.1": 4, "+Inf": 6}
+    count = next(v for _, v, name in samples if name.endswith("_count"))
+    total = next(v for _, v, name in samples if name.endswith("_sum"))
+    assert count == 6
+    assert total == pytest.approx(0.0005 + 0.001 + 0.002 + 0.01 + 0.5 + 3.0)
+
+
+def test_status_classes_and_responses_by_status() -> None:
+    stats = HttpStats()
+    stats.observe("play", "GET", 302, 0.001)
+    stats.observe("play", "GET", 302, 0.001)
+    stats.observe("play", "GET", 404, 0.001)
+    stats.observe("play", "GET", 499, 0.001)
+    stats.observe("media", "HEAD", 206, 0.001)
+    fams = families(stats)
+    responses = {
+        (labels["route"], labels["method"], labels["status"]): value
+        for labels, value, name in fams["edge_http_requests"]
+        if name == "edge_http_requests_total"
+    }
+    assert responses == {
+        ("play", "GET", "302"): 2,
+        ("play", "GET", "404"): 1,
+        ("play", "GET", "499"): 1,
+        ("media", "HEAD", "206"): 1,
+    }
+    classes = {
+        (labels["route"], labels["status_class"]): value
+        for labels, value, name in fams["edge_http_request_duration_seconds"]
+        if name.endswith("_count")
+    }
+    assert classes == {("play", "3xx"): 2, ("play", "4xx"): 2, ("media", "2xx"): 1}
+    assert stats.total() == 5
+    assert stats.total(lambda route, method, status: route == "play") == 4
+    assert stats.total(lambda route, method, status: status.startswith("4")) == 2
+
+
+def test_in_flight_gauge() -> None:
+    stats = HttpStats()
+    stats.in_flight += 3
+    stats.in_flight -= 1
+    assert families(stats)["edge_http_requests_in_flight"][0][1] == 2
+
+
+@pytest.fixture
+def json_stream() -> Iterator[io.StringIO]:
+    """A handler on the root logger with the pipeline's JSON formatter, as `edge serve` has."""
+    root = logging.getLogger()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(root.handlers[0].formatter)
+    root.addHandler(handler)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+
+
+async def test_access_lines_of_one_loop_iteration_are_written_together(
+    json_stream: io.StringIO,
+) -> None:
+    writes: list[str] = []
+    original = json_stream.write
+    json_stream.write = lambda text: writes.append(text) or original(text)  # type: ignore[method-assign]
+    access = logs.AccessLog()
+    access.json_formatter = logs.access_log.json_formatter
+    for n in range(5):
+        access.request(f"r{n}", None, "GET", "healthz", "/healthz", 200, 15, 0.0001)
+    assert writes == []  # nothing written before the loop turns
+    await asyncio.sleep(0)  # one loop iteration: the flush scheduled by the first line runs
+    assert len(writes) == 1
+    lines = [json.loads(line) for line in writes[0].splitlines()]
+    assert [line["request_id"] for line in lines] == ["r0", "r1", "r2", "r3", "r4"]
+
+
+def test_access_line_has_the_keys_structlog_renders(json_stream: io.StringIO) -> None:
+    # The same event through structlog's pipeline, for comparison.
+    logging.getLogger("edge.test").info("x")  # a foreign (stdlib) line also renders as JSON
+    structlog_line = json.loads(json_stream.getvalue().splitlines()[-1])
+    access = logs.AccessLog()
+    access.json_formatter = logs.access_log.json_formatter
+    access.request("abc", "u1", "GET", "healthz", "/healthz", 200, 15, 0.000123)
+    access.flush()
+    line = json.loads(json_stream.getvalue().splitlines()[-1])
+    assert set(structlog_line) <= set(line)
+    assert line["event"] == "request" and line["level"] == "info"
+    assert line["logger"] == "edge.access"
+    assert (line["request_id"], line["user_id"], line["status"]) == ("abc", "u1", 200)
+    assert (line["route"], line["path"], line["bytes"], line["duration_ms"]) == (
+        "healthz",
+        "/healthz",
+        15,
+        0.123,
+    )
+    # ISO 8601, UTC, microseconds: the shape of structlog's TimeStamper(fmt="iso", utc=True).
+    assert len(line["timestamp"]) == len(structlog_line["timestamp"])
+    assert line["timestamp"].endswith("Z") and line["timestamp"][10] == "T"
+
+
+def test_console_mode_goes_through_structlog(caplog: pytest.LogCaptureFixture) -> None:
+    access = logs.AccessLog()  # no JSON formatter: the terminal's readable output
+    with caplog.at_level(logging.INFO, logger="edge.access"):
+        access.request("abc", "u1", "GET", "healthz", "/healthz", 200, 15, 0.0001)
+    events = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
+    assert any(e.get("event") == "request" and e.get("user_id") == "u1" for e in events)
