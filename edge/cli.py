@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 
 import asyncpg
 import structlog
@@ -39,12 +41,26 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from edge.app import create_app
 
     settings = settings.with_(
-        host=args.host or settings.host, port=settings.port if args.port is None else args.port
+        host=args.host or settings.host,
+        port=settings.port if args.port is None else args.port,
+        workers=settings.workers if args.workers is None else args.workers,
+        worker_dir=args.worker_dir,
+        supervisor_database_url=args.supervisor_database_url,
+        supervisor_redis_url=args.supervisor_redis_url,
     )
     with contextlib.suppress(ImportError):
         import uvloop
 
         uvloop.install()
+    if settings.workers > 1:
+        if settings.port == 0:
+            print("edge: --workers needs a fixed port (not 0)", file=sys.stderr)
+            return 2
+        from edge.workers import supervise
+
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(supervise(settings))
+        return 0
     app = create_app(settings)
     with contextlib.suppress(asyncio.CancelledError):  # stopped by a signal while starting
         asyncio.run(_run(app, settings))
@@ -81,7 +97,15 @@ async def _run(app: web.Application, settings: Settings) -> None:
         loop.add_signal_handler(sig, on_signal)
     try:
         await runner.setup()
-        await web.TCPSite(runner, settings.host, settings.port).start()
+        if settings.worker_dir is None:
+            await web.TCPSite(runner, settings.host, settings.port).start()
+        else:
+            # One of `--workers N`: the port is shared with the other workers, and the socket
+            # is where they ask for this worker's own metrics (see edge/workers.py).
+            from edge.workers import socket_path
+
+            await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
+            await web.UnixSite(runner, str(socket_path(settings.worker_dir, os.getpid()))).start()
         started = True
         log.info(
             "serving",
@@ -150,6 +174,13 @@ def _positive(value: str) -> int:
     return number
 
 
+def _workers(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 64:
+        raise argparse.ArgumentTypeError("must be between 1 and 64")
+    return number
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge", description="The streaming edge of a music platform.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,6 +189,15 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (EDGE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (EDGE_PORT, default 8080)")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        help="worker processes sharing the port, one per core (EDGE_WORKERS, default 1)",
+    )
+    # Set by the supervisor of --workers N for its workers.
+    serve.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-database-url", help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-redis-url", help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(run=_migrate)
     seed = sub.add_parser("seed", help="append a synthetic catalog (COPY)")

@@ -5,18 +5,27 @@ Label values are bounded: route names (never raw paths), status classes, cache n
 
 from __future__ import annotations
 
+import operator
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -279,3 +288,56 @@ class Metrics:
 
     def watch_pool(self, pool: Callable[[], Any]) -> None:
         self.registry.register(PoolCollector(pool))
+
+
+# How one family's samples from several worker processes combine: summed, except where every
+# worker reports the same cluster-wide number (read from Redis), a state, or a per-process
+# limit or time.
+_COMBINE: dict[str, Callable[[float, float], float]] = {
+    "edge_stream_sessions_active": max,
+    "edge_redis_up": min,
+    "edge_alert_firing": max,
+    "process_start_time_seconds": min,
+    "process_max_fds": min,
+}
+
+
+def merge_expositions(texts: Iterable[str]) -> bytes:
+    """The Prometheus text of several worker processes as one: every series summed over the
+    workers (counters, histogram buckets, sums and counts, memory, CPU, in-flight requests,
+    pool sizes), except the few _COMBINE names and *_created times (the earliest). Adds
+    `edge_workers`, the number of processes the numbers cover."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    count = 0
+    for text in texts:
+        count += 1
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            combine = _COMBINE.get(family.name)
+            if combine is None:
+                combine = min if family.name.endswith("_created") else operator.add
+            merged = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = merged.get(key)
+                merged[key] = sample.value if old is None else combine(old, sample.value)
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    workers = GaugeMetricFamily(
+        "edge_workers", "Worker processes whose numbers this scrape sums", count
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed([*families.values(), workers]))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)

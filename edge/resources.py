@@ -35,12 +35,16 @@ async def embedded_ctx(app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         if settings.database_url is not None:
             app[keys.DATABASE_URL] = settings.database_url
+        elif settings.supervisor_database_url is not None:  # a worker of `--workers N`
+            app[keys.DATABASE_URL] = settings.supervisor_database_url
         else:
             app[keys.DATABASE_URL] = await stack.enter_async_context(
                 embedded_postgres(settings.data_dir)
             )
         if settings.redis_url is not None:
             app[keys.REDIS_URL] = settings.redis_url
+        elif settings.supervisor_redis_url is not None:
+            app[keys.REDIS_URL] = settings.supervisor_redis_url
         else:
             app[keys.REDIS_URL] = await stack.enter_async_context(embedded_redis(settings.data_dir))
         yield
@@ -48,7 +52,14 @@ async def embedded_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def schema_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    conn = await asyncpg.connect(app[keys.DATABASE_URL])
+    if settings.worker_dir is None:  # a worker's supervisor has prepared the schema
+        await prepare_schema(settings, app[keys.DATABASE_URL])
+    yield
+
+
+async def prepare_schema(settings: Settings, database_url: str) -> None:
+    """Migrations, and on the embedded default's first start the demo catalog."""
+    conn = await asyncpg.connect(database_url)
     try:
         await migrate(conn)
         if settings.embedded_postgres and settings.demo_seed:
@@ -57,7 +68,6 @@ async def schema_ctx(app: web.Application) -> AsyncIterator[None]:
             await seed_demo_if_empty(conn, settings.media_root)
     finally:
         await conn.close()
-    yield
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

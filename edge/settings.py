@@ -97,6 +97,12 @@ class Settings:
     alert_min_requests: int = 100
     alert_pool_seconds: float = 5.0
     alert_stream_error_rate: float = 0.05
+    workers: int = 1
+    # Set by `edge serve --workers N` for its workers, never from the environment: where the
+    # workers' metrics sockets are, and the servers the supervisor started for them.
+    worker_dir: Path | None = None
+    supervisor_database_url: str | None = field(default=None, repr=False)
+    supervisor_redis_url: str | None = field(default=None, repr=False)
 
     @property
     def embedded_postgres(self) -> bool:
@@ -209,6 +215,7 @@ class Settings:
             slow_query_ms=e.number("EDGE_SLOW_QUERY_MS", 100.0, minimum=0.0),
             search_broad_matches=e.integer("EDGE_SEARCH_BROAD_MATCHES", 20_000, minimum=1),
             observe=e.flag("EDGE_OBSERVE", True),
+            workers=e.integer("EDGE_WORKERS", 1, minimum=1, maximum=64),
             alert_interval_seconds=e.number("EDGE_ALERT_INTERVAL_SECONDS", 5.0, minimum=0.01),
             alert_window_seconds=e.number("EDGE_ALERT_WINDOW_SECONDS", 60.0, minimum=0.1),
             alert_min_requests=e.integer("EDGE_ALERT_MIN_REQUESTS", 100, minimum=1),

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable
+from pathlib import Path
 
+import aiohttp
 import aiohttp_jinja2
 import orjson
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge import keys
+from edge.metrics import merge_expositions
+from edge.workers import socket_path
+
+log = structlog.get_logger(__name__)
 
 routes = web.RouteTableDef()
 READY_TIMEOUT = 1.0
@@ -47,10 +55,39 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+SIBLING_TIMEOUT = 2.0
+
+
 @routes.get("/metrics", name="metrics")
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[keys.METRICS].registry)
+    """This process's metrics; for a worker of `edge serve --workers N`, the sum over all
+    workers (`?scope=worker`: only this one's, which is what the siblings ask each other)."""
+    own = generate_latest(request.app[keys.METRICS].registry)
+    worker_dir = request.app[keys.SETTINGS].worker_dir
+    if worker_dir is None or request.query.get("scope") == "worker":
+        return web.Response(body=own, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    mine = socket_path(worker_dir, os.getpid())
+    siblings = [p for p in worker_dir.glob("*.sock") if p != mine]
+    answers = await asyncio.gather(*(_worker_metrics(p) for p in siblings))
+    texts = [own.decode(), *(text for text in answers if text is not None)]
+    # Parsing and summing a few thousand lines per worker: off the event loop.
+    body = await asyncio.to_thread(merge_expositions, texts)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _worker_metrics(path: Path) -> str | None:
+    """Another worker's own metrics, or None if it does not answer (stopping, restarting)."""
+    timeout = aiohttp.ClientTimeout(total=SIBLING_TIMEOUT)
+    try:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(path)), timeout=timeout
+        ) as session:
+            async with session.get("http://worker/metrics?scope=worker") as resp:
+                resp.raise_for_status()
+                return await resp.text()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        log.warning("worker_metrics_missing", socket=path.name, error=type(exc).__name__)
+        return None
 
 
 CHARTS = (

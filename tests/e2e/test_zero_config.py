@@ -530,6 +530,43 @@ def test_sigkill_leaves_no_servers_and_the_next_start_works(demo: Demo) -> None:
     assert len(catalog_of(after)) >= 40
 
 
+def test_workers_on_the_zero_config_default(demo: Demo) -> None:
+    """`EDGE_WORKERS=2` with no configuration: the supervisor starts the embedded servers once,
+    both workers serve the demo catalog as the zero-config default (anonymous /play), one
+    scrape sums them, and SIGTERM stops workers and servers alike."""
+    if demo.current.alive():
+        demo.current.signal(signal.SIGTERM)
+        assert demo.current.wait_exit(STOP_DEADLINE) == 0, demo.current.tail()
+    env = zero_config_env(demo.data_dir) | {"EDGE_WORKERS": "2"}
+    run = EdgeRun.start(demo.workdir, demo.data_dir, f"edge-{len(demo.runs)}", env)
+    demo.runs.append(run)
+    demo.current = run
+    run.wait_healthy(START_DEADLINE)
+
+    def workers_counted() -> bool:
+        with urllib.request.urlopen(run.url("/metrics"), timeout=HTTP_TIMEOUT) as response:
+            return b"\nedge_workers 2.0\n" in response.read()
+
+    run.wait_until("/metrics", workers_counted, START_DEADLINE)
+    children = run.children()
+    assert {"postgres", "redis-server"} <= names(children), describe(children)
+    workers = [c for c in children if "--worker-dir" in c.cmdline()]
+    assert len(workers) == 2, describe(children)
+    assert run.get("/readyz")["status"] == "ready"
+    assert catalog_of(run) == demo.first_catalog
+    track = next(iter(demo.first_catalog))
+    request = urllib.request.Request(run.url(f"/play/{track}?format=mp3"), method="HEAD")
+    with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+        assert response.status == 200  # followed the 302 to the signed local-origin URL
+        assert response.headers["Content-Type"] == "audio/mpeg"
+    assert "demo_seed_started" not in run.event_names(), run.tail()
+    run.signal(signal.SIGTERM)
+    assert run.wait_exit(STOP_DEADLINE) == 0, run.tail()
+    left = still_running(children, CHILDREN_DEADLINE)
+    assert not left, f"left behind after SIGTERM:\n{describe(left)}\n{run.tail()}"
+    assert not servers_of(demo.data_dir), describe(servers_of(demo.data_dir))
+
+
 # -- a start that fails or is interrupted leaves nothing behind ---------------------------------
 
 

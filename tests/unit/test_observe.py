@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 import logging
+import shutil
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge import logs
-from edge.metrics import HttpStats
+from edge.metrics import HttpStats, Metrics, merge_expositions
 
 
 def families(stats: HttpStats) -> dict[str, list[tuple[dict[str, str], float, str]]]:
@@ -138,3 +140,79 @@ def test_console_mode_goes_through_structlog(caplog: pytest.LogCaptureFixture) -
         access.request("abc", "u1", "GET", "healthz", "/healthz", 200, 15, 0.0001)
     events = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
     assert any(e.get("event") == "request" and e.get("user_id") == "u1" for e in events)
+
+
+# -- several worker processes, one scrape -------------------------------------------------------
+
+
+def worker_exposition(requests: int, memory: float, sessions: int, started: float) -> str:
+    """One worker's /metrics, from the real Metrics class after some traffic."""
+    metrics = Metrics()
+    for _ in range(requests):
+        metrics.http.observe("play", "GET", 302, 0.002)
+    metrics.cache_requests.labels("track", "l1", "hit").inc(requests)
+    metrics.active_sessions.set(sessions)
+    metrics.redis_up.set(1)
+    text = generate_latest(metrics.registry).decode()
+    # The process family is this test process's; give each "worker" its own numbers.
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            line = f"process_resident_memory_bytes {memory}"
+        elif line.startswith("process_start_time_seconds "):
+            line = f"process_start_time_seconds {started}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def merged_value(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    raise AssertionError(f"{name} {labels} not in the merged exposition")
+
+
+def test_merged_workers_sum_counters_histograms_and_memory() -> None:
+    a = worker_exposition(requests=3, memory=100e6, sessions=7, started=1000.0)
+    b = worker_exposition(requests=5, memory=50e6, sessions=7, started=900.0)
+    text = merge_expositions([a, b]).decode()
+    play = {"route": "play", "method": "GET"}
+    assert merged_value(text, "edge_http_requests_total", status="302", **play) == 8
+    assert merged_value(text, "edge_http_request_duration_seconds_count", **play) == 8
+    assert merged_value(text, "edge_http_request_duration_seconds_bucket", le="0.0025", **play) == 8
+    assert merged_value(text, "edge_http_request_duration_seconds_sum", **play) == pytest.approx(
+        0.016
+    )
+    assert merged_value(text, "edge_cache_requests_total", cache="track") == 8
+    assert merged_value(text, "process_resident_memory_bytes") == 150e6
+    # Cluster-wide numbers every worker reads from Redis are not multiplied by the workers.
+    assert merged_value(text, "edge_stream_sessions_active") == 7
+    assert merged_value(text, "edge_redis_up") == 1
+    assert merged_value(text, "process_start_time_seconds") == 900.0
+    assert merged_value(text, "edge_workers") == 2
+
+
+def test_a_worker_that_reports_redis_down_shows() -> None:
+    a = worker_exposition(requests=1, memory=1.0, sessions=0, started=1.0)
+    b = worker_exposition(requests=1, memory=1.0, sessions=0, started=1.0).replace(
+        "edge_redis_up 1.0", "edge_redis_up 0.0"
+    )
+    assert "edge_redis_up 0.0" in b
+    assert merged_value(merge_expositions([a, b]).decode(), "edge_redis_up") == 0
+
+
+def test_merged_exposition_passes_promtool() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: apt-get install prometheus (see .ci/run)"
+    a = worker_exposition(requests=3, memory=1.0, sessions=1, started=1.0)
+    b = worker_exposition(requests=2, memory=1.0, sessions=1, started=1.0)
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=merge_expositions([a, b]),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == b"" and result.stderr.strip() == b""
