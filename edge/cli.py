@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from edge import logs
 from edge.settings import Settings, SettingsError
+from edge.signals import Stop
 
 log = structlog.get_logger("edge.cli")
 
@@ -81,20 +81,7 @@ async def _run(app: web.Application, settings: Settings) -> None:
     interrupted half-way still leaves every started resource, in reverse order (runner.cleanup
     runs the cleanup contexts that were entered)."""
     runner = make_runner(app)
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    stop = asyncio.Event()
-    started = False
-
-    def on_signal() -> None:
-        if stop.is_set():
-            return
-        stop.set()
-        if not started and main is not None:
-            main.cancel()  # interrupt the start itself (e.g. seeding the demo catalog)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    stop = Stop()
     try:
         await runner.setup()
         if settings.worker_dir is None:
@@ -106,7 +93,7 @@ async def _run(app: web.Application, settings: Settings) -> None:
 
             await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
             await web.UnixSite(runner, str(socket_path(settings.worker_dir, os.getpid()))).start()
-        started = True
+        stop.started()
         log.info(
             "serving",
             url=f"http://{settings.host}:{settings.port}/",

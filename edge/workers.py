@@ -26,6 +26,7 @@ import structlog
 from edge.embedded import _child_setup, embedded_postgres, embedded_redis
 from edge.resources import prepare_schema
 from edge.settings import Settings
+from edge.signals import Stop
 
 log = structlog.get_logger(__name__)
 
@@ -96,20 +97,7 @@ class Supervisor:
 async def supervise(settings: Settings) -> None:
     """Run settings.workers workers until SIGINT/SIGTERM (a signal during the start, e.g. while
     the demo catalog is seeded, stops the start)."""
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    stop = asyncio.Event()
-    started = False
-
-    def on_signal() -> None:
-        if stop.is_set():
-            return
-        stop.set()
-        if not started and main is not None:
-            main.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    stop = Stop()
     async with contextlib.AsyncExitStack() as stack:
         database_url: str
         redis_url: str
@@ -128,7 +116,7 @@ async def supervise(settings: Settings) -> None:
         for slot in range(settings.workers):
             await supervisor.start(slot)
         watchers = [asyncio.ensure_future(supervisor.watch(slot)) for slot in supervisor.procs]
-        started = True
+        stop.started()
         log.info(
             "supervising",
             workers=settings.workers,
