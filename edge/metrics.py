@@ -175,6 +175,11 @@ class Metrics:
             ["query"],
             registry=r,
         )
+        self.session_choices_lost = Counter(
+            "edge_session_choices_lost",
+            "Renditions chosen by /play that could not be recorded in their session",
+            registry=r,
+        )
         self.db_retries = Counter(
             "edge_db_retries",
             "Catalog queries run again after their connection died under them",

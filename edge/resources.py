@@ -137,7 +137,9 @@ async def streaming_ctx(app: web.Application) -> AsyncIterator[None]:
             settings.cloudfront_key_pair_id, str(settings.cloudfront_private_key)
         )
     urls = SignedUrlCache(signer, settings.signed_url_lifetime, settings.signed_url_window)
-    app[keys.SESSIONS] = Sessions(app[keys.REDIS], settings.redis_key_prefix)
+    app[keys.SESSIONS] = Sessions(
+        app[keys.REDIS], settings.redis_key_prefix, app[keys.METRICS].session_choices_lost
+    )
     app[keys.BACKGROUND] = Background()
     # A proxied stream holds its upstream connection for its whole length: the pool is sized
     # for streams, not requests (waiting for a free connection would count against the
@@ -167,3 +169,4 @@ async def streaming_ctx(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             await app[keys.BACKGROUND].drain()
+            await app[keys.SESSIONS].drain()

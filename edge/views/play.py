@@ -171,11 +171,8 @@ async def play(request: web.Request) -> web.StreamResponse:
             rendition["bitrate_kbps"],
             track.id,
         ):
-            background(
-                app,
-                app[keys.SESSIONS].record_choice(
-                    state.sid, rendition["format"], rendition["bitrate_kbps"], track.id
-                ),
+            app[keys.SESSIONS].record_choice_soon(
+                state.sid, rendition["format"], rendition["bitrate_kbps"], track.id
             )
 
     headers = {

@@ -1,0 +1,88 @@
+"""The rendition /play chose goes into its session without a round trip of its own: the choices
+of one event-loop iteration share one pipeline (real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter
+
+from edge.embedded import free_port
+from edge.sessions import MAX_PENDING_CHOICES, Sessions
+
+
+def lost_counter() -> Counter:
+    return Counter("lost", "choices lost", registry=CollectorRegistry())
+
+
+async def test_choices_of_one_iteration_are_recorded_together(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    sessions = Sessions(redis_client, redis_prefix, lost_counter())
+    states = [
+        await sessions.open(None, f"user{n}", 10 + n, limit=3, remaining_seconds=60)
+        for n in range(3)
+    ]
+    for n, state in enumerate(states):
+        sessions.record_choice_soon(state.sid, "aac", 96 + n, 10 + n)
+    # Nothing is sent until the loop turns (the response goes out first), then one pipeline.
+    assert len(sessions._choices) == 3 and not sessions._sending
+    await asyncio.sleep(0)
+    assert sessions._choices == [] and len(sessions._sending) == 1
+    await sessions.drain()
+    for n, state in enumerate(states):
+        fields = await redis_client.hgetall(sessions.key(state.sid))
+        assert fields[b"format"] == b"aac"
+        assert fields[b"bitrate"] == str(96 + n).encode()
+        assert fields[b"choice_track"] == str(10 + n).encode()
+
+
+async def test_a_choice_never_resurrects_an_expired_session(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    sessions = Sessions(redis_client, redis_prefix, lost_counter())
+    sessions.record_choice_soon("no-such-session-id-0000", "mp3", 128, 1)
+    await sessions.drain()
+    assert await redis_client.exists(sessions.key("no-such-session-id-0000")) == 0
+
+
+async def test_choices_lost_to_a_redis_outage_are_counted() -> None:
+    down = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1)
+    lost = lost_counter()
+    sessions = Sessions(down, "t:", lost)
+    try:
+        for n in range(4):
+            sessions.record_choice_soon(f"sid-{n}-0000000000000000", "mp3", 128, n)
+        await sessions.drain()
+    finally:
+        await down.aclose()
+    assert lost._value.get() == 4
+
+
+async def test_the_queue_is_bounded() -> None:
+    down = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1)
+    lost = lost_counter()
+    sessions = Sessions(down, "t:", lost)
+    try:
+        for n in range(MAX_PENDING_CHOICES + 5):
+            sessions.record_choice_soon(f"sid-{n}", "mp3", 128, n)
+        assert len(sessions._choices) == MAX_PENDING_CHOICES
+        assert lost._value.get() == 5  # refused at once, not queued
+        await sessions.drain()
+    finally:
+        await down.aclose()
+    assert lost._value.get() == MAX_PENDING_CHOICES + 5
+
+
+async def test_choices_survive_a_redis_that_lost_its_scripts(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    sessions = Sessions(redis_client, redis_prefix, lost_counter())
+    state = await sessions.open(None, "user", 5, limit=3, remaining_seconds=60)
+    await redis_client.script_flush()  # what a restarted Redis knows of our scripts
+    sessions.record_choice_soon(state.sid, "flac", 900, 5)
+    await sessions.drain()
+    fields = await redis_client.hgetall(sessions.key(state.sid))
+    assert (fields[b"format"], fields[b"bitrate"]) == (b"flac", b"900")
+    assert sessions.choices_lost is not None and sessions.choices_lost._value.get() == 0
