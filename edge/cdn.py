@@ -23,7 +23,7 @@ from edge.signing import SignedUrlCache
 
 log = structlog.get_logger(__name__)
 
-_CHUNK = 64 * 1024
+_CHUNK = 32 * 1024
 
 
 class UpstreamError(Exception):
@@ -40,13 +40,13 @@ class Upstream:
 
     response: aiohttp.ClientResponse
 
-    async def chunks(self, read_timeout: float) -> AsyncIterator[bytes]:
+    async def chunks(self, read_timeout: float, size: int = _CHUNK) -> AsyncIterator[bytes]:
         try:
             while True:
                 try:
                     # asyncio.timeout, not wait_for: no task per chunk on the hot path.
                     async with asyncio.timeout(read_timeout):
-                        block = await self.response.content.read(_CHUNK)
+                        block = await self.response.content.read(size)
                 except TimeoutError:
                     raise UpstreamError(504, "timeout", "origin went silent mid-body") from None
                 if not block:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -68,6 +70,20 @@ async def prepare_schema(settings: Settings, database_url: str) -> None:
             await seed_demo_if_empty(conn, settings.media_root)
     finally:
         await conn.close()
+
+
+def _upstream_socket(receive_buffer: int) -> Callable[[tuple[Any, ...]], socket.socket]:
+    """Origin connections with a fixed kernel receive buffer. Linux grows it to megabytes when
+    left alone, and whatever it holds arrives in this process in one read, past aiohttp's own
+    read-ahead: for a thousand slow players that was most of Edge's memory."""
+
+    def make(addr_info: tuple[Any, ...]) -> socket.socket:
+        family, kind, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=kind, proto=proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        return sock
+
+    return make
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -146,6 +162,7 @@ async def streaming_ctx(app: web.Application) -> AsyncIterator[None]:
     # connect timeout and turn into 504s). Idle connections are dropped well before the read
     # timeout, so a reused connection never carries a stale read timer.
     connector = aiohttp.TCPConnector(
+        socket_factory=_upstream_socket(settings.upstream_buffer),
         limit=settings.upstream_connections,
         limit_per_host=settings.upstream_connections,
         keepalive_timeout=max(1.0, min(30.0, settings.upstream_read_timeout / 2)),

@@ -25,6 +25,10 @@ from edge.ranges import (
 
 Source = Callable[[ByteRange | None], AsyncIterator[bytes]]
 
+# Bytes a slow client may have queued in this process (beyond the chunk being written) before
+# the next read from the source waits for it.
+CLIENT_WRITE_BUFFER = 16 * 1024
+
 
 class SourceFailed(Exception):
     """The byte source failed, or ended early, after the response started."""
@@ -88,6 +92,10 @@ async def send(
     sent = 0
     try:
         await response.prepare(request)
+        if request.transport is not None:
+            # A slow player's unsent bytes wait in this process: keep at most about one chunk
+            # of them (the default allows 64 KiB beyond the chunk being written).
+            request.transport.set_write_buffer_limits(high=CLIENT_WRITE_BUFFER)
         if decision.status == 200:
             sent += await _pump(response, source(None), rep.size, sent)
         elif boundary is None:

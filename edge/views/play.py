@@ -385,7 +385,9 @@ async def _proxy(
             else await cdn.fetch(key, part, base, size=rep.size, etag=rep.etag)
         )
         first = None
-        async for chunk in upstream.chunks(settings.upstream_read_timeout):
+        async for chunk in upstream.chunks(
+            settings.upstream_read_timeout, settings.upstream_buffer
+        ):
             yield chunk
 
     transfer_started = time.perf_counter()
