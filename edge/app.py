@@ -13,7 +13,7 @@ from edge.alerts import Alerts
 from edge.dashboard import Sampler
 from edge.jobs import jobs_ctx
 from edge.metrics import Metrics
-from edge.middlewares import echo_request_id, errors_as_json, observe, security_headers
+from edge.middlewares import errors_as_json, observe, response_headers
 from edge.resources import embedded_ctx, postgres_ctx, redis_ctx, schema_ctx, streaming_ctx
 from edge.settings import Settings
 from edge.views import api, events, media, ops, pages, play
@@ -26,17 +26,17 @@ STATIC = ROOT / "static"
 def create_app(settings: Settings) -> web.Application:
     # observe (request id, access log, HTTP metrics, JSON errors) can be switched off only to
     # measure what it costs (bench/); errors are always JSON.
-    middlewares = [observe] if settings.observe else [errors_as_json]
+    metrics = Metrics()
+    alerts = Alerts(settings, metrics)
+    middlewares = [observe(metrics, alerts)] if settings.observe else [errors_as_json]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
-    app.on_response_prepare.append(echo_request_id)
-    metrics = Metrics()
+    app.on_response_prepare.append(response_headers)
     metrics.watch_pool(lambda: app.get(keys.PG_POOL))
     app[keys.METRICS] = metrics
-    app[keys.ALERTS] = Alerts(settings, metrics)
+    app[keys.ALERTS] = alerts
     app[keys.SAMPLER] = Sampler(metrics, app[keys.ALERTS])
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
-    app.on_response_prepare.append(security_headers)
     app[media.ETAGS] = media.Etags()
     app[play.TRACK_INFOS] = play.TrackInfos()
     app.cleanup_ctx.extend(

@@ -11,13 +11,15 @@ import time
 import asyncpg
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from edge import keys
+from edge.alerts import Alerts
 from edge.auth import USER_ID
 from edge.catalog import DatabaseUnavailable
 from edge.errors import ApiError, json_error
 from edge.logs import access_log
+from edge.metrics import Metrics
 
 log = structlog.get_logger("edge.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -35,13 +37,6 @@ _HTTP_CODES = {
 
 
 REQUEST_ID = web.RequestKey("request_id", str)
-
-
-async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every response, streamed ones too, carries the request id."""
-    request_id = request.get(REQUEST_ID)
-    if request_id:
-        response.headers["X-Request-ID"] = request_id
 
 
 # PostgreSQL is down, restarting, refusing connections, or our pool waited too long (the
@@ -65,12 +60,18 @@ CSP = (
 )
 
 
-async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: HTML pages get a Content-Security-Policy; everything nosniff."""
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    if response.content_type == "text/html":
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers.setdefault("Referrer-Policy", "same-origin")
+async def response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare (one handler: each costs a coroutine per response): every response,
+    streamed ones too, carries the request id and nosniff; HTML pages a Content-Security-Policy.
+    """
+    headers = response.headers
+    request_id = request.get(REQUEST_ID)
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    if headers.get("Content-Type", "").startswith("text/html"):
+        headers.setdefault("Content-Security-Policy", CSP)
+        headers.setdefault("Referrer-Policy", "same-origin")
 
 
 _NOT_RESPONSE_TIMES = frozenset({"metrics", "dashboard_data"})
@@ -95,62 +96,69 @@ def _route_name(request: web.Request) -> str:
     return "unmatched" if route is None or route.resource is None else "unnamed"
 
 
-@web.middleware
-async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+def observe(metrics: Metrics, alerts: Alerts) -> Middleware:
     """Request id, HTTP metrics, the access line, and errors as JSON (errors_as_json's work,
     done here so a request passes one middleware, not two). This runs around every request,
     so it is kept to plain operations (metrics.HttpStats and logs.AccessLog say what they
-    avoid). Each request runs in its own task: what it binds to the log context ends with it.
+    avoid), with what it needs bound here rather than looked up per request. Each request runs
+    in its own task: what it binds to the log context ends with it.
     """
-    incoming = request.headers.get("X-Request-ID")
-    request_id = incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id()
-    request[REQUEST_ID] = request_id
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    app = request.app
-    http = app[keys.METRICS].http
-    started = time.perf_counter()
-    http.in_flight += 1
-    status = 500
-    streamed = False
-    sent: int | None = None
-    try:
+    http = metrics.http
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        incoming = request.headers.get("X-Request-ID")
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id()
+        request[REQUEST_ID] = request_id
+        request[USER_ID] = ""  # until auth knows (reading a missing key costs a KeyError)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        http.in_flight += 1
+        status = 500
+        streamed = False
+        sent: int | None = None
         try:
-            response = await handler(request)
-        except Exception as exc:
-            response = error_response(request, exc)
-        status = response.status
-        # (A class check first: isinstance against aiohttp's response classes goes through
-        # ABCMeta, which costs more than the rest of this block.)
-        streamed = type(response) is not web.Response and not isinstance(response, web.Response)
-        sent = response.body_length if streamed else response.content_length
-        return response
-    except web.HTTPException as exc:  # a redirect raised by a handler
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = 499  # the client closed the connection (nginx's convention)
-        raise
-    finally:
-        elapsed = time.perf_counter() - started
-        http.in_flight -= 1
-        route = _route_name(request)
-        method = request.method
-        http.observe(route, method, status, elapsed)
-        # Streamed bodies (proxied audio, media) last as long as the listener's network makes
-        # them: they are not response times.
-        if not streamed and route not in _NOT_RESPONSE_TIMES:
-            app[keys.ALERTS].observe_response(elapsed)
-        if access_log.enabled():
-            access_log.request(
-                request_id,
-                request.get(USER_ID),
-                method,
-                route,
-                request.path,
-                status,
-                sent,
-                elapsed,
-            )
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                response = error_response(request, exc)
+            status = response.status
+            # (A class check first: isinstance against aiohttp's response classes goes
+            # through ABCMeta, which costs more than the rest of this block.)
+            streamed = type(response) is not web.Response and not isinstance(response, web.Response)
+            sent = response.body_length if streamed else response.content_length
+            return response
+        except web.HTTPException as exc:  # a redirect raised by a handler
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client closed the connection (nginx's convention)
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            http.in_flight -= 1
+            route = _route_name(request)
+            method = request.method
+            http.observe(route, method, status, elapsed)
+            # Streamed bodies (proxied audio, media) last as long as the listener's network
+            # makes them: they are not response times.
+            if not streamed and route not in _NOT_RESPONSE_TIMES:
+                alerts.observe_response(elapsed)
+            if access_log.enabled():
+                access_log.request(
+                    request_id,
+                    request[USER_ID] or None,
+                    method,
+                    route,
+                    # As sent (percent-encoded), without the query (it may carry a token);
+                    # decoding it would cost more than the rest of the line.
+                    request.rel_url.raw_path,
+                    status,
+                    sent,
+                    elapsed,
+                )
+
+    return observe
 
 
 @web.middleware

@@ -93,21 +93,37 @@ def json_stream() -> Iterator[io.StringIO]:
         root.removeHandler(handler)
 
 
-async def test_access_lines_of_one_loop_iteration_are_written_together(
-    json_stream: io.StringIO,
-) -> None:
+async def test_access_lines_are_written_in_batches(json_stream: io.StringIO) -> None:
     writes: list[str] = []
     original = json_stream.write
     json_stream.write = lambda text: writes.append(text) or original(text)  # type: ignore[method-assign]
     access = logs.AccessLog()
     access.json_formatter = logs.access_log.json_formatter
+    access.FLUSH_SECONDS = 0.001
     for n in range(5):
         access.request(f"r{n}", None, "GET", "healthz", "/healthz", 200, 15, 0.0001)
-    assert writes == []  # nothing written before the loop turns
-    await asyncio.sleep(0)  # one loop iteration: the flush scheduled by the first line runs
+    assert writes == []  # nothing written while the requests are being answered
+    for _ in range(1000):  # the flush timer: polled, bounded
+        if writes:
+            break
+        await asyncio.sleep(0.001)
     assert len(writes) == 1
     lines = [json.loads(line) for line in writes[0].splitlines()]
     assert [line["request_id"] for line in lines] == ["r0", "r1", "r2", "r3", "r4"]
+
+
+async def test_a_full_batch_is_written_at_once(json_stream: io.StringIO) -> None:
+    writes: list[str] = []
+    original = json_stream.write
+    json_stream.write = lambda text: writes.append(text) or original(text)  # type: ignore[method-assign]
+    access = logs.AccessLog()
+    access.json_formatter = logs.access_log.json_formatter
+    access.MAX_PENDING = 3
+    access.FLUSH_SECONDS = 3600  # only a full batch can be written in this test
+    for n in range(4):
+        access.request(f"r{n}", None, "GET", "healthz", "/healthz", 200, 15, 0.0001)
+    assert [len(w.splitlines()) for w in writes] == [3]
+    assert len(access._pending) == 1  # the fourth waits for its batch
 
 
 def test_access_line_has_the_keys_structlog_renders(json_stream: io.StringIO) -> None:
@@ -216,3 +232,28 @@ def test_merged_exposition_passes_promtool() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == b"" and result.stderr.strip() == b""
+
+
+def test_lines_left_by_a_stopped_loop_do_not_wait_forever(json_stream: io.StringIO) -> None:
+    access = logs.AccessLog()
+    access.json_formatter = logs.access_log.json_formatter
+    access.FLUSH_SECONDS = 3600
+
+    async def one_line(request_id: str) -> None:
+        access.request(request_id, None, "GET", "healthz", "/healthz", 200, 15, 0.0001)
+
+    asyncio.run(one_line("first"))  # its timer dies with its loop
+    assert len(access._pending) == 1
+
+    async def another_line() -> None:
+        access.FLUSH_SECONDS = 0.001
+        await one_line("second")
+        for _ in range(1000):  # the new loop's timer: polled, bounded
+            if not access._pending:
+                return
+            await asyncio.sleep(0.001)
+
+    asyncio.run(another_line())
+    assert access._pending == []
+    ids = [json.loads(line)["request_id"] for line in json_stream.getvalue().splitlines()[-2:]]
+    assert ids == ["first", "second"]
