@@ -1,13 +1,13 @@
-"""Search at the database: Edge's own Catalog.search (the plan statement, then the ranked or the
-popularity page), one small pool, no cache, no HTTP.
+"""Search at the database: Edge's own Catalog.search (one statement: the plan and a page that is
+ranked, by tier or by popularity), one small pool, no cache, no HTTP.
 
 1. First pages: N distinct queries from bench/queries.py (limit 20, as the API's default), each
    timed once as a prepared statement on a connection set up like Edge's pool (jit off).
-   Reports p50/p90/p99/max overall and per kind of query, the share of queries with no result,
-   and the cost by number of matching tracks.
+   Reports p50/p90/p99/max overall, per kind of query and per order the search chose, the share
+   of queries with no result, and the cost by number of matching tracks.
 2. Deep pages: for queries with more than 50 pages of results, walk the cursors with the real
    `Catalog.search` to pages 10 and 50, then time page 1, 10 and 50 (median of --repeat runs
-   each) with SEARCH_SQL and the decoded cursor.
+   each) with `Catalog.search` and the cursor of that page.
 
 Times are measured by the client around `fetch` on 127.0.0.1, so they include one loopback
 round trip and asyncpg's decoding (about 0.1 ms), nothing else.
@@ -45,6 +45,12 @@ from edge.settings import Settings
 LIMIT = 20
 COUNT_SQL = "SELECT count(*) FROM tracks WHERE search_tsv @@ edge_search_query($1)"
 MATCH_BUCKETS = (0, 100, 1_000, 10_000, 100_000, math.inf)
+# The sort key each search cursor carries (Catalog.search).
+CURSOR_TYPES = {
+    "search": (float, int, int),
+    "search-tier": (int, int, int),
+    "search-popular": (int, int),
+}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -67,10 +73,14 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-async def timed(catalog: Catalog, query: str, cursor: str | None = None) -> tuple[float, int]:
+async def timed(catalog: Catalog, query: str, cursor: str | None = None) -> tuple[float, int, str]:
+    """Milliseconds, items, and the order of the list ("search", "search-tier",
+    "search-popular"; a list of one page has no cursor: "one page")."""
     started = time.perf_counter()
     page = await catalog.search(query, LIMIT, cursor)
-    return (time.perf_counter() - started) * 1000, len(page.docs)
+    ms = (time.perf_counter() - started) * 1000
+    order = str(cursor_kind(page.next_cursor)) if page.next_cursor else "one page"
+    return ms, len(page.docs), order
 
 
 def bucket_name(lo: float, hi: float) -> str:
@@ -89,8 +99,8 @@ async def first_pages(
 ) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     for q in queries:
-        ms, rows = await timed(catalog, q.text)
-        results.append({"kind": q.kind, "q": q.text, "ms": ms, "rows": rows})
+        ms, rows, order = await timed(catalog, q.text)
+        results.append({"kind": q.kind, "q": q.text, "ms": ms, "rows": rows, "order": order})
     # Counted after the timed pass, untimed: the timed pass must not follow a count of the
     # same query, which would have just read the same pages.
     for r in results:
@@ -100,6 +110,10 @@ async def first_pages(
         k: summary([r["ms"] for r in results if r["kind"] == k])
         for k in KINDS
         if any(r["kind"] == k for r in results)
+    }
+    by_order = {
+        o: summary([r["ms"] for r in results if r["order"] == o])
+        for o in sorted({r["order"] for r in results})
     }
     by_matches = {}
     for lo, hi in itertools.pairwise(MATCH_BUCKETS):
@@ -116,6 +130,7 @@ async def first_pages(
     return {
         "overall": overall,
         "by_kind": by_kind,
+        "by_order": by_order,
         "by_matches": by_matches,
         "zero_results_share": zero / len(results),
         "zero_results_by_kind": zero_by_kind,
@@ -148,7 +163,7 @@ async def walk(
         if result.next_cursor is None:
             break
         kind = cursor_kind(result.next_cursor)
-        types = (float, int, int) if kind == "search" else (int, int)
+        types = CURSOR_TYPES[str(kind)]
         key = decode_cursor(result.next_cursor, str(kind), types)
         if last is not None and not key < last:
             problems.append(f"cursor of page {page} not after page {page - 1}'s")
@@ -231,6 +246,9 @@ def report(result: dict[str, Any], repeat: int) -> None:
         zero = first["zero_results_by_kind"][kind]
         print(f"{kind:<12}{fmt(s)}  zero results {zero:.0%}")
     print(f"\nqueries with zero results: {first['zero_results_share']:.1%}")
+    print("\n== first page by the order the search chose ==")
+    for order, s in first["by_order"].items():
+        print(f"{order:<15}{fmt(s)}")
     print("\n== first page by number of matching tracks ==")
     for name, s in first["by_matches"].items():
         print(f"{name:<12}{fmt(s)}")

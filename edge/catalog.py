@@ -145,39 +145,33 @@ ORDER BY e.position
 LIMIT $3
 """
 
-# What a query means (tsquery) and about how many tracks it matches (see 006_search_plan.sql).
-SEARCH_PLAN_SQL = "SELECT tsq::text AS tsq, estimate FROM edge_search_plan($1)"
-
-# A query matching at most this many tracks is ranked by relevance; a broader one (a common
-# word, a short prefix) is listed by popularity, which costs one page, not every match.
+# The three orders of a search (see 007_search_page.sql); a first page picks one from the
+# estimated number of matches, and the cursor keeps every later page in it.
+# - below TIER_MATCHES, ranked by ts_rank (title > artist > album, occurrences, word distance),
+#   which scores every match: ~3 us a match, so ~10 ms at this bound;
+# - from TIER_MATCHES, by tier (the title matches, then title and artist, then the album), each
+#   tier by popularity: one page of an index walk, whatever the number of matches;
+# - from BROAD_MATCHES (EDGE_SEARCH_BROAD_MATCHES), by popularity alone.
+TIER_MATCHES = 3_000
 BROAD_MATCHES = 20_000
+# How far down the popularity order a walk goes before it gives up. A first page examines this
+# many tracks to check its estimate (an AND of words is estimated at its rarest word's count,
+# which may be far too high: if they hold less than a page of matches, the few matches are ranked)
+# and, for tiers, to see which tiers are dense enough to walk; a sparse tier is read from its
+# field's index instead. ~0.25 us a track, so ~5 ms; a query with less than a page of matches in
+# them has about 1,000 matches or fewer.
+WALK_ENTRIES = 20_000
 
-# Ranked by text relevance (title > artist > album), then popularity, then id; the JSON is
-# built only for the page, not for every hit.
-SEARCH_RANKED_SQL = f"""
-WITH page AS (
-    SELECT t.id, t.play_count,
-           ts_rank('{{0.1, 0.3, 0.6, 1.0}}', t.search_tsv, $1::tsquery) AS score
-    FROM tracks t
-    WHERE t.search_tsv @@ $1::tsquery
-      AND (ts_rank('{{0.1, 0.3, 0.6, 1.0}}', t.search_tsv, $1::tsquery), t.play_count, t.id)
-          < ($2::real, $3::bigint, $4::bigint)
-    ORDER BY score DESC, t.play_count DESC, t.id DESC
-    LIMIT $5
-)
-SELECT page.score, page.play_count, page.id, json_build_object({TRACK_FIELDS})::text AS doc
-FROM page
-JOIN tracks t ON t.id = page.id
-{TRACK_JOINS}
-ORDER BY page.score DESC, page.play_count DESC, page.id DESC
-"""
-
-SEARCH_POPULAR_SQL = f"""
-SELECT p.play_count, p.id, json_build_object({TRACK_FIELDS})::text AS doc
-FROM edge_search_by_popularity($1::tsquery, $2, $3, $4) AS p
+# One page of search results in one statement: edge_search_page makes the plan (tsquery,
+# estimated matches) and returns the page's keys in order; the JSON is built only for the page.
+# $2 is the order a cursor came from ('ranked', 'tiers', 'popular'), NULL on a first page.
+SEARCH_SQL = f"""
+SELECT p.list_kind, p.rank, p.play_count, p.id, json_build_object({TRACK_FIELDS})::text AS doc
+FROM edge_search_page($1, $2, $3, $4, $5, $6, $7, $8, $9) WITH ORDINALITY
+    AS p(list_kind, rank, play_count, id, position)
 JOIN tracks t ON t.id = p.id
 {TRACK_JOINS}
-ORDER BY p.play_count DESC, p.id DESC
+ORDER BY p.position
 """
 
 # Word counts for the broad-query estimate, recounted after bulk loads and on refresh.
@@ -336,12 +330,16 @@ class Catalog:
         acquire_timeout: float = 30.0,
         slow_query_seconds: float = 0.1,
         broad_matches: int = BROAD_MATCHES,
+        tier_matches: int = TIER_MATCHES,
+        walk_entries: int = WALK_ENTRIES,
     ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.acquire_timeout = acquire_timeout
         self.slow_query_seconds = slow_query_seconds
         self.broad_matches = broad_matches
+        self.tier_matches = tier_matches
+        self.walk_entries = walk_entries
 
     @classmethod
     def of(cls, app: web.Application) -> Catalog:
@@ -485,28 +483,37 @@ class Catalog:
         return Page([r["doc"].encode() for r in rows], None)
 
     async def search(self, query: str, limit: int, cursor: str | None) -> Page:
-        """Relevance order for a narrow query; popularity order for a broad one. The cursor
-        says which, so every page of one list follows the order of its first page."""
+        """Ranked, by tier or by popularity, as the first page found best for the number of
+        matches (see SEARCH_SQL). The cursor says which, so every page of one list follows the
+        order of its first page."""
+        after: tuple[Any, ...]
         kind = cursor_kind(cursor) if cursor else None
-        plan = (await self._fetch("search_plan", SEARCH_PLAN_SQL, query))[0]
-        if plan["tsq"] is None:
-            return Page([], None)
-        broad = kind == "search-popular" if cursor else plan["estimate"] >= self.broad_matches
-        if broad:
-            plays, last_id = (
-                decode_cursor(cursor, "search-popular", (int, int))
-                if cursor
-                else (MAX_BIGINT, MAX_BIGINT)
-            )
-            rows = await self._fetch(
-                "search_popular", SEARCH_POPULAR_SQL, plan["tsq"], plays, last_id, limit + 1
-            )
-            return self._page("search-popular", rows, limit, 2)
-        if cursor:
-            score, plays, last_id = decode_cursor(cursor, "search", (float, int, int))
+        if cursor is None:
+            after = (None, float("inf"), MAX_BIGINT, MAX_BIGINT)
+        elif kind == "search-popular":
+            after = ("popular", None, *decode_cursor(cursor, kind, (int, int)))
+        elif kind == "search-tier":
+            after = ("tiers", *decode_cursor(cursor, kind, (int, int, int)))
         else:
-            score, plays, last_id = float("inf"), MAX_BIGINT, MAX_BIGINT
+            after = ("ranked", *decode_cursor(cursor, "search", (float, int, int)))
         rows = await self._fetch(
-            "search", SEARCH_RANKED_SQL, plan["tsq"], score, plays, last_id, limit + 1
+            "search",
+            SEARCH_SQL,
+            query,
+            *after,
+            limit + 1,
+            self.tier_matches,
+            self.broad_matches,
+            self.walk_entries,
         )
-        return self._page("search", rows, limit, 3)
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            plays, last_id = last["play_count"], last["id"]
+            if last["list_kind"] == "popular":
+                next_cursor = encode_cursor("search-popular", plays, last_id)
+            elif last["list_kind"] == "tiers":
+                next_cursor = encode_cursor("search-tier", int(last["rank"]), plays, last_id)
+            else:
+                next_cursor = encode_cursor("search", last["rank"], plays, last_id)
+        return Page([r["doc"].encode() for r in rows[:limit]], next_cursor)

@@ -623,7 +623,10 @@ async def seed_synthetic(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
                 f" (SELECT max(id) FROM {table}))"
             )
-    await conn.execute("ANALYZE artists, albums, tracks, renditions, search_words")
+    # VACUUM, not only ANALYZE: search walks tracks by popularity in an index-only scan
+    # (idx_tracks_play_count_search), which reads the heap for every entry until the visibility
+    # map says the pages are all visible, and autovacuum may be late or off.
+    await conn.execute("VACUUM (ANALYZE) artists, albums, tracks, renditions, search_words")
     await conn.execute("REFRESH MATERIALIZED VIEW popular_tracks_mv")
     seconds = time.perf_counter() - started
     log.info("synthetic_seeded", tracks=tracks, seconds=round(seconds, 1))
