@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
+from prometheus_client import Counter
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -114,6 +115,7 @@ class Cache:
         self.retry_seconds = settings.redis_retry_seconds
         self._l1: OrderedDict[tuple[str, str | None], tuple[float, Entry]] = OrderedDict()
         self._inflight: dict[tuple[str, str | None], asyncio.Future[Entry | None]] = {}
+        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         self._down_until = 0.0
         self._down = False
         metrics.redis_up.set(1 if redis is not None else 0)
@@ -131,21 +133,31 @@ class Cache:
         l1: bool = False,
     ) -> Entry | None:
         """The cached entry, or the loader's result (None: not found, not cached)."""
-        self.metrics.cache_lookups.labels(cache).inc()
+        self._child(self.metrics.cache_lookups, cache).inc()
         slot = (key, field)
         if l1:
-            hit = self._l1_get(slot)
+            hit, fresh = self._l1_get(slot)
             if hit is not None:
-                self.metrics.cache_requests.labels(cache, "l1", "hit").inc()
+                self._child(self.metrics.cache_requests, cache, "l1", "hit").inc()
+                if not fresh and slot not in self._inflight:
+                    # Refresh ahead: the listener gets the copy now, the next one a new copy
+                    # from Redis (which another process's invalidation has reached).
+                    self._load(cache, key, ttl, loader, field, l1)
                 return hit
-            self.metrics.cache_requests.labels(cache, "l1", "miss").inc()
-        pending = self._inflight.get(slot)
-        if pending is None:
-            pending = asyncio.ensure_future(self._fill(cache, key, ttl, loader, field, l1))
-            self._inflight[slot] = pending
-            pending.add_done_callback(functools.partial(self._landed, slot))
+            self._child(self.metrics.cache_requests, cache, "l1", "miss").inc()
+        pending = self._inflight.get(slot) or self._load(cache, key, ttl, loader, field, l1)
         # shield: a client that goes away must not cancel the load others are waiting for.
         return await asyncio.shield(pending)
+
+    def _load(
+        self, cache: str, key: str, ttl: int, loader: Loader, field: str | None, l1: bool
+    ) -> asyncio.Future[Entry | None]:
+        """One load per slot at a time (single-flight)."""
+        slot = (key, field)
+        pending = asyncio.ensure_future(self._fill(cache, key, ttl, loader, field, l1))
+        self._inflight[slot] = pending
+        pending.add_done_callback(functools.partial(self._landed, slot))
+        return pending
 
     async def refresh(
         self,
@@ -161,7 +173,7 @@ class Cache:
         body = await loader()
         if body is None:
             return None
-        self.metrics.cache_loads.labels(cache).inc()
+        self._child(self.metrics.cache_loads, cache).inc()
         entry = Entry(body, etag_of(body))
         await self._l2_set(key, field, body, ttl)
         if l1:
@@ -221,13 +233,13 @@ class Cache:
     ) -> Entry | None:
         cached = await self._l2_get(key, field)
         if cached is not None:
-            self.metrics.cache_requests.labels(cache, "redis", "hit").inc()
+            self._child(self.metrics.cache_requests, cache, "redis", "hit").inc()
             entry = Entry(cached, etag_of(cached))
         else:
             result = "miss" if self.redis_available else "error"
-            self.metrics.cache_requests.labels(cache, "redis", result).inc()
+            self._child(self.metrics.cache_requests, cache, "redis", result).inc()
             body = await loader()
-            self.metrics.cache_loads.labels(cache).inc()
+            self._child(self.metrics.cache_loads, cache).inc()
             if body is None:
                 return None
             entry = Entry(body, etag_of(body))
@@ -242,15 +254,29 @@ class Cache:
         if not future.cancelled():
             future.exception()
 
-    def _l1_get(self, slot: tuple[str, str | None]) -> Entry | None:
+    def _child(self, family: Counter, *labels: str) -> Counter:
+        """A labelled counter's child, kept: prometheus-client's labels() takes a lock and
+        converts every value on each call, and a cache hit counts twice."""
+        key = (family, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
+
+    def _l1_get(self, slot: tuple[str, str | None]) -> tuple[Entry | None, bool]:
+        """(entry, fresh). Past its TTL an entry is still served, once refreshing, for another
+        TTL (a hot key then never waits for Redis); past that it is gone."""
         found = self._l1.get(slot)
         if found is None:
-            return None
+            return None, False
         expires, entry = found
-        if expires < time.monotonic():
-            del self._l1[slot]
-            return None
-        return entry
+        now = time.monotonic()
+        if expires >= now:
+            return entry, True
+        if expires + self.l1_ttl >= now:
+            return entry, False
+        del self._l1[slot]
+        return None, False
 
     def _l1_put(self, slot: tuple[str, str | None], entry: Entry) -> None:
         if self.l1_size <= 0 or self.l1_ttl <= 0:
@@ -294,7 +320,7 @@ class Cache:
             return None
         except RedisError as exc:
             # Redis answered, with an error: a bug of ours, not an outage.
-            self.metrics.cache_requests.labels("redis", "redis", "error").inc()
+            self._child(self.metrics.cache_requests, "redis", "redis", "error").inc()
             log.error("redis_command_failed", error=f"{type(exc).__name__}: {exc}")
             return None
         if self._down:

@@ -84,12 +84,11 @@ def _variant(limit: int, cursor: str | None) -> str:
 @routes.get("/api/v1/tracks/popular", name="api_popular")
 async def popular(request: web.Request) -> web.Response:
     limit, cursor = _limit(request), _cursor(request)
-    catalog = _catalog(request)
     entry = await request.app[keys.CACHE].get(
         "popular",
         ck.popular_key(limit),
         ck.TTL_POPULAR,
-        lambda: _paged(lambda: catalog.popular(limit, cursor)),
+        lambda: _paged(lambda: _catalog(request).popular(limit, cursor)),
         field=cursor or ck.FIRST_PAGE,
         l1=True,
     )
@@ -106,9 +105,13 @@ async def recent(request: web.Request) -> web.Response:
 @routes.get("/api/v1/tracks/{id}", name="api_track")
 async def track(request: web.Request) -> web.Response:
     track_id = _id(request)
-    catalog = _catalog(request)
+    # (The Catalog is made only on a miss: a hit never touches the database.)
     entry = await request.app[keys.CACHE].get(
-        "track", ck.track_key(track_id), ck.TTL_TRACK, lambda: catalog.track(track_id), l1=True
+        "track",
+        ck.track_key(track_id),
+        ck.TTL_TRACK,
+        lambda: _catalog(request).track(track_id),
+        l1=True,
     )
     return respond(request, entry, "track")
 

@@ -172,3 +172,52 @@ async def test_redis_dying_mid_run(
     assert sample(client, "edge_redis_outages_total") == 1
     assert len(_events(caplog, "redis_unreachable")) == 1
     assert queries(client, "track") == 6
+
+
+def age_l1(client: Client, key: str, seconds: float) -> None:
+    """Make this process's L1 copy of `key` as old as if `seconds` had passed."""
+    cache = client.app[keys.CACHE]
+    aged = 0
+    for slot, (expires, entry) in list(cache._l1.items()):
+        if slot[0] == key:
+            cache._l1[slot] = (expires - seconds, entry)
+            aged += 1
+    assert aged == 1
+
+
+async def test_l1_refreshes_ahead_of_another_process_invalidation(
+    make_client: Any, catalog: dict[str, Any], db: Any
+) -> None:
+    """Two Edge processes on one Redis: B's invalidation reaches A's L1 within its TTL. A hot
+    key past its TTL is served once more while A refreshes it (no listener waits for Redis);
+    a key idle for more than twice the TTL is simply loaded again."""
+    a = await make_client(cache_l1_ttl=5.0)
+    b = await make_client(cache_l1_ttl=5.0)
+    track = catalog["tracks"]["shoot"]
+    url = f"/api/v1/tracks/{track}"
+    key = f"track:{track}"  # L1 slots are keyed without the Redis prefix
+    assert (await (await a.get(url)).json())["title"] == "Shoot to Thrill"
+    await db.execute("UPDATE tracks SET title = 'Shoot to Chill' WHERE id = $1", track)
+    await b.app[keys.CACHE].invalidate_track(track)
+    assert (await (await b.get(url)).json())["title"] == "Shoot to Chill"
+    assert (await (await a.get(url)).json())["title"] == "Shoot to Thrill"  # A's L1, fresh
+
+    age_l1(a, key, 5.5)  # past the TTL, within the grace
+    misses, from_redis = (
+        cache_count(a, "track", "l1", "miss"),
+        cache_count(a, "track", "redis", "hit"),
+    )
+    stale = await a.get(url)
+    assert (await stale.json())["title"] == "Shoot to Thrill"  # served at once, refreshing
+    for _ in range(1000):  # the refresh runs beside the response: polled, bounded
+        if cache_count(a, "track", "redis", "hit") > from_redis:
+            break
+        await asyncio.sleep(0.001)
+    assert (await (await a.get(url)).json())["title"] == "Shoot to Chill"
+    assert cache_count(a, "track", "l1", "miss") == misses  # nobody waited for Redis
+    assert cache_count(a, "track", "redis", "hit") == from_redis + 1  # one refresh
+
+    await db.execute("UPDATE tracks SET title = 'Shoot to Spill' WHERE id = $1", track)
+    await b.app[keys.CACHE].invalidate_track(track)
+    age_l1(a, key, 10.5)  # idle past TTL and grace: a plain miss
+    assert (await (await a.get(url)).json())["title"] == "Shoot to Spill"
