@@ -66,7 +66,9 @@ def respond(
     headers = {"ETag": entry.etag, "Cache-Control": cache_control}
     if _matches(request.headers.get("If-None-Match"), entry.etag):
         return web.Response(status=304, headers=headers)
-    return web.Response(body=entry.body, headers=headers, content_type=JSON)
+    # The header as text, not content_type=: aiohttp would parse and rebuild it per response.
+    headers["Content-Type"] = JSON
+    return web.Response(body=entry.body, headers=headers)
 
 
 async def _paged(load: Callable[[], Awaitable[Page | None]]) -> bytes | None:
