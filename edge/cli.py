@@ -56,10 +56,14 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         if settings.port == 0:
             print("edge: --workers needs a fixed port (not 0)", file=sys.stderr)
             return 2
-        from edge.workers import supervise
+        from edge.workers import WorkersFailing, supervise
 
-        with contextlib.suppress(asyncio.CancelledError):
-            asyncio.run(supervise(settings))
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                asyncio.run(supervise(settings))
+        except WorkersFailing as exc:
+            print(f"edge: {exc}", file=sys.stderr)
+            return 1
         return 0
     app = create_app(settings)
     with contextlib.suppress(asyncio.CancelledError):  # stopped by a signal while starting

@@ -19,6 +19,7 @@ import contextlib
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import structlog
@@ -32,6 +33,14 @@ log = structlog.get_logger(__name__)
 
 STOP_GRACE_SECONDS = 15.0  # the workers' own shutdown timeout (10 s) and some
 RESTART_DELAY_SECONDS = 1.0  # a worker that dies at once is not restarted in a hot loop
+# A worker that exits this soon after its start, this many times in a row, cannot start at all
+# (the port is taken, the configuration is wrong): the supervisor gives up and exits.
+EARLY_EXIT_SECONDS = 10.0
+EARLY_EXITS_TO_GIVE_UP = 3
+
+
+class WorkersFailing(Exception):
+    pass
 
 
 def socket_path(worker_dir: Path, pid: int) -> Path:
@@ -46,6 +55,7 @@ class Supervisor:
         self.redis_url = redis_url
         self.stopping = False
         self.procs: dict[int, asyncio.subprocess.Process] = {}  # slot -> process
+        self.started_at: dict[int, float] = {}
 
     def command(self) -> list[str]:
         s = self.settings
@@ -60,17 +70,27 @@ class Supervisor:
     async def start(self, slot: int) -> None:
         proc = await asyncio.create_subprocess_exec(*self.command(), preexec_fn=_child_setup())
         self.procs[slot] = proc
+        self.started_at[slot] = time.monotonic()
         log.info("worker_started", slot=slot, pid=proc.pid)
 
     async def watch(self, slot: int) -> None:
-        """Keep a worker in `slot` running until the supervisor stops."""
+        """Keep a worker in `slot` running until the supervisor stops; raise WorkersFailing if
+        it cannot start at all."""
+        early_exits = 0
         while not self.stopping:
             proc = self.procs[slot]
             code = await proc.wait()
             socket_path(self.worker_dir, proc.pid).unlink(missing_ok=True)
             if self.stopping:
                 return
-            log.error("worker_exited", slot=slot, pid=proc.pid, code=code)
+            lived = time.monotonic() - self.started_at[slot]
+            early_exits = early_exits + 1 if lived < EARLY_EXIT_SECONDS else 0
+            log.error("worker_exited", slot=slot, pid=proc.pid, code=code, lived_s=round(lived, 1))
+            if early_exits >= EARLY_EXITS_TO_GIVE_UP:
+                raise WorkersFailing(
+                    f"worker {slot} exited {early_exits} times within {EARLY_EXIT_SECONDS:.0f} s"
+                    " of its start (see its log lines above)"
+                )
             await asyncio.sleep(RESTART_DELAY_SECONDS)  # back-off, not synchronisation
             if not self.stopping:
                 await self.start(slot)
@@ -124,7 +144,13 @@ async def supervise(settings: Settings) -> None:
             pids=[p.pid for p in supervisor.procs.values()],
         )
         try:
-            await stop.wait()
+            # Until a signal, or until a worker turns out unable to start.
+            stopping = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait([stopping, *watchers], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            for task in done:
+                if task is not stopping and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
             log.info("stopping")
         finally:
             supervisor.stopping = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -180,3 +181,40 @@ def test_workers_need_a_fixed_port() -> None:
     )
     assert result.returncode == 2
     assert b"--workers needs a fixed port" in result.stderr
+
+
+def test_workers_that_cannot_start_make_the_supervisor_give_up(
+    servers: Servers, database_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """The port is taken by someone else: every worker fails to bind. The supervisor says so
+    and exits with 1, instead of restarting them forever."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "EDGE_"))}
+    env |= {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": servers.redis_url,
+        "EDGE_REDIS_KEY_PREFIX": redis_prefix,
+        "EDGE_DATA_DIR": str(tmp_path / "data"),
+        "EDGE_LOG_FORMAT": "json",
+    }
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge", "serve", "--workers", "2", "--port", str(port)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    finally:
+        taken.close()
+    assert proc.returncode == 1, err[-2000:]
+    assert b"exited 3 times within 10 s of its start" in err
+    assert b'"event": "worker_exited"' in err
