@@ -86,17 +86,16 @@ def exited(process: psutil.Process) -> bool:
         return True
 
 
-@pytest.fixture
-def supervisor(
+def edge_env(
     servers: Servers, database_url: str, redis_prefix: str, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
+) -> dict[str, str]:
+    """This machine's environment, pointed at this test's database and Redis prefix only."""
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("DB_", "REDIS_", "EDGE_")) and k not in {"DATABASE_URL"}
+        if not k.startswith(("DB_", "REDIS_", "EDGE_")) and k != "DATABASE_URL"
     }
-    env |= {
+    return env | {
         "DATABASE_URL": database_url,
         "REDIS_URL": servers.redis_url,
         "EDGE_REDIS_KEY_PREFIX": redis_prefix,
@@ -105,6 +104,14 @@ def supervisor(
         "DB_POOL_MIN": "1",
         "DB_POOL_MAX": "2",
     }
+
+
+@pytest.fixture
+def supervisor(
+    servers: Servers, database_url: str, redis_prefix: str, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    env = edge_env(servers, database_url, redis_prefix, tmp_path)
     log = (tmp_path / "edge.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge", "serve", "--workers", "2", "--port", str(port)],
@@ -192,14 +199,7 @@ def test_workers_that_cannot_start_make_the_supervisor_give_up(
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "EDGE_"))}
-    env |= {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": servers.redis_url,
-        "EDGE_REDIS_KEY_PREFIX": redis_prefix,
-        "EDGE_DATA_DIR": str(tmp_path / "data"),
-        "EDGE_LOG_FORMAT": "json",
-    }
+    env = edge_env(servers, database_url, redis_prefix, tmp_path)
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "edge", "serve", "--workers", "2", "--port", str(port)],
