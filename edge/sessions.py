@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 ACTIVE_GRACE_SECONDS = 30
-MAX_PENDING_CHOICES = 10_000  # choices waiting for their pipeline, at most
+MAX_PENDING_CALLS = 10_000  # script calls waiting for their pipeline, at most
 PLAYS_QUEUE = "plays:queue"
 # Every active stream of the cluster (sid scored by when it stops counting), for the gauge.
 ACTIVE_ALL = "streaming:active"
@@ -160,6 +161,104 @@ class SessionState:
         )
 
 
+# One script call: the number of keys, the keys, the arguments.
+_Call = tuple[int, list[str], tuple[str | int, ...]]
+
+
+class ScriptBatch:
+    """Calls of one Lua script made during one event-loop iteration, sent to Redis together in
+    one pipeline right after it; each caller still gets its own answer.
+
+    A /play is one EVALSHA, and through redis-py one call costs more CPU than the rest of a
+    redirect (pool, retry wrapper, packing, parsing): batched, the calls of concurrent players
+    share that cost and the round trip. A caller waits one loop iteration longer. EVALSHA by
+    hand: a pipeline that registers the script asks SCRIPT EXISTS first, a round trip per
+    batch; a server that lost its scripts (a restart) answers NOSCRIPT, then the script is
+    loaded and the batch sent once more. At most MAX_PENDING_CALLS wait: past that a call
+    fails at once, as if Redis were down.
+    """
+
+    def __init__(
+        self, redis: Redis, script: str, on_lost: Callable[[int, str], None] | None = None
+    ) -> None:
+        self.redis = redis
+        self.script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
+        self.on_lost = on_lost  # for calls nobody waits for
+        # (number of keys, keys and args), and who waits for the answer
+        self._pending: list[tuple[_Call, asyncio.Future[Any] | None]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self.batches = 0
+
+    def call(
+        self, keys: list[str], args: tuple[str | int, ...], want_result: bool = True
+    ) -> asyncio.Future[Any] | None:
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future() if want_result else None
+        if len(self._pending) >= MAX_PENDING_CALLS:
+            error = RedisError("too many Redis calls waiting")
+            if answer is None:
+                self._lost(1, type(error).__name__)
+            else:
+                answer.set_exception(error)
+            return answer
+        self._pending.append(((len(keys), keys, args), answer))
+        if len(self._pending) == 1:
+            loop.call_soon(self._send)
+        return answer
+
+    def _send(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._run(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _run(
+        self,
+        batch: list[tuple[_Call, asyncio.Future[Any] | None]],
+    ) -> None:
+        self.batches += 1
+        results: list[Any]
+        try:
+            results = await self._execute([call for call, _ in batch])
+        except (RedisError, OSError, TimeoutError) as exc:
+            results = [exc] * len(batch)
+        lost = 0
+        for (_, answer), result in zip(batch, results, strict=True):
+            failed = isinstance(result, BaseException)
+            if answer is None:
+                lost += failed
+            elif not answer.done():  # (its waiter may have gone: a player that hung up)
+                if failed:
+                    answer.set_exception(result)
+                else:
+                    answer.set_result(result)
+        if lost:
+            failures = [r for r in results if isinstance(r, BaseException)]
+            self._lost(lost, type(failures[0]).__name__)
+
+    async def _execute(self, calls: list[_Call]) -> list[Any]:
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for n_keys, keys, args in calls:
+                    pipe.evalsha(self.sha, n_keys, *keys, *args)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 2 or not any(isinstance(r, NoScriptError) for r in results):
+                break
+            await self.redis.script_load(self.script)
+        return results
+
+    def _lost(self, count: int, error: str) -> None:
+        if self.on_lost is not None:
+            self.on_lost(count, error)
+
+    async def drain(self) -> None:
+        if self._pending:
+            self._send()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+
+
 class SessionError(Exception):
     def __init__(self, kind: str, detail: str = "") -> None:
         super().__init__(kind)
@@ -172,12 +271,12 @@ class Sessions:
         self.redis = redis
         self.prefix = prefix
         self.choices_lost = choices_lost
-        self._open = redis.register_script(_OPEN)
         self._count = redis.register_script(_COUNT_PLAY)
         self._take = redis.register_script(_TAKE_PLAYS)
         self._update = redis.register_script(_UPDATE)
-        self._choices: list[tuple[str, tuple[str | int, ...]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        # The hot path's scripts go out batched: one pipeline per event-loop iteration.
+        self._opens = ScriptBatch(redis, _OPEN)
+        self._updates = ScriptBatch(redis, _UPDATE, on_lost=self._lost)
 
     def key(self, sid: str) -> str:
         return self.prefix + session_key(sid)
@@ -196,9 +295,9 @@ class Sessions:
         """Continue `sid` (or start a session) for `user_id` playing `track_id`: one round trip."""
         now = time.time() if now is None else now
         sid = sid or new_session_id()
-        result = await self._open(
-            keys=[self.key(sid), self.prefix + active_key(user_id), self.prefix + ACTIVE_ALL],
-            args=[
+        answer = self._opens.call(
+            [self.key(sid), self.prefix + active_key(user_id), self.prefix + ACTIVE_ALL],
+            (
                 sid,
                 user_id,
                 track_id,
@@ -207,8 +306,10 @@ class Sessions:
                 limit,
                 f"{now + remaining_seconds + ACTIVE_GRACE_SECONDS:.3f}",
                 1 if preload else 0,
-            ],
+            ),
         )
+        assert answer is not None
+        result = await answer
         status = _s(result[0])
         if status == "forbidden":
             raise SessionError("forbidden")
@@ -234,54 +335,20 @@ class Sessions:
         await self.update(sid, fields)
 
     def record_choice_soon(self, sid: str, fmt: str, bitrate_kbps: int, track_id: int) -> None:
-        """record_choice without waiting: /play answers first. The choices of one event-loop
-        iteration go to Redis together, in one pipeline, right after the responses (a second
-        round trip per /play, and a task per choice, cost a fifth of a redirect's CPU)."""
+        """record_choice without waiting: /play answers first, and the choice goes to Redis
+        with the other calls of this event-loop iteration (see ScriptBatch)."""
         args = ("", 0, "format", fmt, "bitrate", bitrate_kbps, "choice_track", track_id)
-        if len(self._choices) >= MAX_PENDING_CHOICES:
-            self._lost(1)  # Redis is not keeping up: the next /play chooses anew
-            return
-        self._choices.append((self.key(sid), args))
-        if len(self._choices) == 1:
-            asyncio.get_running_loop().call_soon(self._send_choices)
+        self._updates.call([self.key(sid)], args, want_result=False)
 
-    def _send_choices(self) -> None:
-        batch, self._choices = self._choices, []
-        task = asyncio.ensure_future(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[str, tuple[str | int, ...]]]) -> None:
-        # EVALSHA by hand: a pipeline that registers the script asks SCRIPT EXISTS first, a
-        # round trip per batch. A server that lost its scripts (a restart) answers NOSCRIPT:
-        # then the script is loaded and the batch sent once more.
-        try:
-            for attempt in (1, 2):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for key, args in batch:
-                        pipe.evalsha(self._update.sha, 1, key, *args)
-                    results = await pipe.execute(raise_on_error=False)
-                if attempt == 2 or not any(isinstance(r, NoScriptError) for r in results):
-                    break
-                await self.redis.script_load(_UPDATE)
-            failed = sum(isinstance(r, Exception) for r in results)
-            if failed:
-                self._lost(failed)
-                log.warning("session_choices_lost", count=failed, error="command failed")
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._lost(len(batch))
-            log.warning("session_choices_lost", count=len(batch), error=type(exc).__name__)
-
-    def _lost(self, count: int) -> None:
+    def _lost(self, count: int, error: str) -> None:
         if self.choices_lost is not None:
             self.choices_lost.inc(count)
+        log.warning("session_choices_lost", count=count, error=error)
 
     async def drain(self) -> None:
-        """Send what is queued (at shutdown)."""
-        if self._choices:
-            self._send_choices()
-        if self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
+        """Send what is queued and wait for it (at shutdown)."""
+        await self._opens.drain()
+        await self._updates.drain()
 
     async def record_transfer(
         self, sid: str, sent: int, kbps: float | None, now: float | None = None

@@ -1,5 +1,5 @@
-"""The rendition /play chose goes into its session without a round trip of its own: the choices
-of one event-loop iteration share one pipeline (real Redis)."""
+"""/play's session scripts go to Redis batched: the calls of one event-loop iteration share one
+pipeline, each caller gets its own answer (real Redis)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import asyncio
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
+from redis.exceptions import RedisError
 
 from edge.embedded import free_port
-from edge.sessions import MAX_PENDING_CHOICES, Sessions
+from edge.sessions import MAX_PENDING_CALLS, SessionError, Sessions, SessionState
 
 
 def lost_counter() -> Counter:
@@ -27,9 +28,9 @@ async def test_choices_of_one_iteration_are_recorded_together(
     for n, state in enumerate(states):
         sessions.record_choice_soon(state.sid, "aac", 96 + n, 10 + n)
     # Nothing is sent until the loop turns (the response goes out first), then one pipeline.
-    assert len(sessions._choices) == 3 and not sessions._sending
+    assert len(sessions._updates._pending) == 3 and not sessions._updates._sending
     await asyncio.sleep(0)
-    assert sessions._choices == [] and len(sessions._sending) == 1
+    assert sessions._updates._pending == [] and len(sessions._updates._sending) == 1
     await sessions.drain()
     for n, state in enumerate(states):
         fields = await redis_client.hgetall(sessions.key(state.sid))
@@ -65,14 +66,14 @@ async def test_the_queue_is_bounded() -> None:
     lost = lost_counter()
     sessions = Sessions(down, "t:", lost)
     try:
-        for n in range(MAX_PENDING_CHOICES + 5):
+        for n in range(MAX_PENDING_CALLS + 5):
             sessions.record_choice_soon(f"sid-{n}", "mp3", 128, n)
-        assert len(sessions._choices) == MAX_PENDING_CHOICES
+        assert len(sessions._updates._pending) == MAX_PENDING_CALLS
         assert lost._value.get() == 5  # refused at once, not queued
         await sessions.drain()
     finally:
         await down.aclose()
-    assert lost._value.get() == MAX_PENDING_CHOICES + 5
+    assert lost._value.get() == MAX_PENDING_CALLS + 5
 
 
 async def test_choices_survive_a_redis_that_lost_its_scripts(
@@ -86,3 +87,53 @@ async def test_choices_survive_a_redis_that_lost_its_scripts(
     fields = await redis_client.hgetall(sessions.key(state.sid))
     assert (fields[b"format"], fields[b"bitrate"]) == (b"flac", b"900")
     assert sessions.choices_lost is not None and sessions.choices_lost._value.get() == 0
+
+
+async def test_concurrent_opens_share_one_pipeline_and_keep_their_answers(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    sessions = Sessions(redis_client, redis_prefix, lost_counter())
+    mine = await sessions.open(None, "alice", 1, limit=3, remaining_seconds=60)
+    batches = sessions._opens.batches
+    results = await asyncio.gather(
+        sessions.open(None, "bob", 2, limit=3, remaining_seconds=60),
+        sessions.open(mine.sid, "alice", 3, limit=3, remaining_seconds=60),
+        sessions.open(mine.sid, "mallory", 4, limit=3, remaining_seconds=60),
+        sessions.open(None, "carol", 5, limit=0, remaining_seconds=60),
+        return_exceptions=True,
+    )
+    assert sessions._opens.batches == batches + 1  # four calls, one pipeline
+    bob, alice_again, mallory, carol = results
+    assert isinstance(bob, SessionState) and bob.user_id == "bob" and bob.track_id == 2
+    assert isinstance(alice_again, SessionState)
+    assert (alice_again.sid, alice_again.track_id) == (mine.sid, 3)
+    assert isinstance(mallory, SessionError) and mallory.kind == "forbidden"
+    assert isinstance(carol, SessionError) and carol.kind == "limit"
+
+
+async def test_opens_fail_together_when_redis_is_down() -> None:
+    down = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1)
+    sessions = Sessions(down, "t:", lost_counter())
+    try:
+        results = await asyncio.gather(
+            *(sessions.open(None, f"u{n}", n, limit=3, remaining_seconds=60) for n in range(3)),
+            return_exceptions=True,
+        )
+    finally:
+        await down.aclose()
+    assert len(results) == 3
+    assert all(isinstance(r, (RedisError, OSError)) for r in results), results
+
+
+async def test_an_open_whose_player_left_does_not_break_the_batch(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    sessions = Sessions(redis_client, redis_prefix, lost_counter())
+    gone = asyncio.ensure_future(sessions.open(None, "gone", 1, limit=3, remaining_seconds=60))
+    stays = asyncio.ensure_future(sessions.open(None, "stays", 2, limit=3, remaining_seconds=60))
+    await asyncio.sleep(0)  # both calls queued
+    gone.cancel()
+    state = await stays
+    assert state.user_id == "stays"
+    await sessions.drain()
+    assert gone.cancelled()
