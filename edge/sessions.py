@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
@@ -165,6 +166,12 @@ class SessionState:
 _Call = tuple[int, list[str], tuple[str | int, ...]]
 
 
+def _abandon(batch: list[tuple[_Call, asyncio.Future[Any] | None]], _: object) -> None:
+    for _call, answer in batch:
+        if answer is not None:
+            answer.cancel()  # a no-op for an answer already given
+
+
 class ScriptBatch:
     """Calls of one Lua script made during one event-loop iteration, sent to Redis together in
     one pipeline right after it; each caller still gets its own answer.
@@ -212,6 +219,9 @@ class ScriptBatch:
         task = asyncio.ensure_future(self._run(batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
+        # However the batch ends (cancelled at shutdown, even before it started), nobody is
+        # left waiting for ever.
+        task.add_done_callback(functools.partial(_abandon, batch))
 
     async def _run(
         self,
@@ -221,7 +231,7 @@ class ScriptBatch:
         results: list[Any]
         try:
             results = await self._execute([call for call, _ in batch])
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # Redis down, or anything else: every caller hears of it
             results = [exc] * len(batch)
         lost = 0
         for (_, answer), result in zip(batch, results, strict=True):

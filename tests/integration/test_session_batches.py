@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisError
@@ -137,3 +138,16 @@ async def test_an_open_whose_player_left_does_not_break_the_batch(
     assert state.user_id == "stays"
     await sessions.drain()
     assert gone.cancelled()
+
+
+async def test_a_batch_cancelled_before_it_ran_leaves_nobody_waiting(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    sessions = Sessions(redis_client, redis_prefix, lost_counter())
+    waiter = asyncio.ensure_future(sessions.open(None, "u", 1, limit=3, remaining_seconds=60))
+    await asyncio.sleep(0)  # the call is queued
+    await asyncio.sleep(0)  # its batch is sent: a task that has not run yet
+    (task,) = sessions._opens._sending
+    task.cancel()  # what a shutdown does to it
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
