@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge import logs
+from edge import keys, logs
 from edge.app import create_app
 from edge.embedded import embedded_postgres, embedded_redis
 from edge.migrations import migrate
@@ -141,6 +141,12 @@ def settings(database_url: str, servers: Servers, redis_prefix: str, tmp_path: P
 
 
 JWT_SECRET = "test-jwt-secret-0123456789abcdef"
+
+
+def sample(client: TestClient[web.Request, web.Application], name: str, **labels: str) -> float:
+    """One series of the app's own metrics registry (0 when it has no such series yet)."""
+    value = client.app[keys.METRICS].registry.get_sample_value(name, labels)
+    return float(value or 0.0)
 
 
 def token(user: str = "alice", tier: str = "premium", ttl: int = 3600) -> str:

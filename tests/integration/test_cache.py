@@ -14,13 +14,9 @@ import redis.asyncio as aioredis
 
 from edge import keys
 from edge.embedded import embedded_redis, free_port
+from tests.conftest import sample
 
 Client = Any
-
-
-def sample(client: Client, name: str, **labels: str) -> float:
-    value = client.app[keys.METRICS].registry.get_sample_value(name, labels)
-    return float(value or 0.0)
 
 
 def cache_count(client: Client, cache: str, level: str, result: str) -> float:

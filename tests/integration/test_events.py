@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from edge import keys
 from edge.jobs import flush_plays
 from edge.sessions import active_key
-from tests.conftest import bearer
+from tests.conftest import bearer, sample
 
 Client = Any
 MakeClient = Any
@@ -25,11 +25,6 @@ SID = "aliceSessionAAAAAAAAAA"
 OTHER_SID = "bobSessionBBBBBBBBBBBB"
 UNKNOWN_SID = "nobodysSessionCCCCCCCC"
 URL = "/api/v1/events"
-
-
-def sample(client: Client, name: str, **labels: str) -> float:
-    value = client.app[keys.METRICS].registry.get_sample_value(name, labels)
-    return float(value or 0.0)
 
 
 def label_sets(client: Client, metric: str) -> set[tuple[tuple[str, str], ...]]:

@@ -26,7 +26,7 @@ from edge.auth import issue
 from edge.jobs import flush_plays
 from edge.sessions import active_key
 from edge.settings import Secret
-from tests.conftest import JWT_SECRET, bearer, token
+from tests.conftest import JWT_SECRET, bearer, sample, token
 
 Client = Any
 MakeClient = Any
@@ -44,11 +44,6 @@ LADDER = {
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def sample(client: Client, name: str, **labels: str) -> float:
-    value = client.app[keys.METRICS].registry.get_sample_value(name, labels)
-    return float(value or 0.0)
 
 
 def rendition(playable: dict[str, Any], track: str, fmt: str, bitrate: int = 0) -> Any:

@@ -38,7 +38,7 @@ from edge.cli import make_runner
 from edge.embedded import free_port
 from edge.ingest import RenditionFile
 from edge.settings import Settings
-from tests.conftest import JWT_SECRET, bearer
+from tests.conftest import JWT_SECRET, bearer, sample
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -66,11 +66,6 @@ def play_path(
 ) -> str:
     query = PICKS[fmt][3] + "".join(f"&{k}={v}" for k, v in extra.items())
     return f"/play/{playable['tracks'][track]}?{query}"
-
-
-def sample(client: Client, name: str, **labels: str) -> float:
-    value = client.app[keys.METRICS].registry.get_sample_value(name, labels)
-    return float(value or 0.0)
 
 
 def upstream_errors(client: Client, kind: str) -> float:

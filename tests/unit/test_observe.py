@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+import pytest_asyncio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -93,12 +94,25 @@ def json_stream() -> Iterator[io.StringIO]:
         root.removeHandler(handler)
 
 
-async def test_access_lines_are_written_in_batches(json_stream: io.StringIO) -> None:
-    writes: list[str] = []
-    original = json_stream.write
-    json_stream.write = lambda text: writes.append(text) or original(text)  # type: ignore[method-assign]
+def json_access_log() -> logs.AccessLog:
+    """An AccessLog of its own, rendering JSON like `edge serve`'s."""
     access = logs.AccessLog()
     access.json_formatter = logs.access_log.json_formatter
+    return access
+
+
+@pytest_asyncio.fixture
+async def writes(json_stream: io.StringIO) -> list[str]:
+    """Each write to the JSON log stream, as it was made (from inside the test's event loop:
+    the loop's own start-up line is not one of them)."""
+    made: list[str] = []
+    original = json_stream.write
+    json_stream.write = lambda text: made.append(text) or original(text)  # type: ignore[method-assign]
+    return made
+
+
+async def test_access_lines_are_written_in_batches(writes: list[str]) -> None:
+    access = json_access_log()
     access.FLUSH_SECONDS = 0.001
     for n in range(5):
         access.request(f"r{n}", None, "GET", "healthz", "/healthz", 200, 15, 0.0001)
@@ -112,12 +126,8 @@ async def test_access_lines_are_written_in_batches(json_stream: io.StringIO) -> 
     assert [line["request_id"] for line in lines] == ["r0", "r1", "r2", "r3", "r4"]
 
 
-async def test_a_full_batch_is_written_at_once(json_stream: io.StringIO) -> None:
-    writes: list[str] = []
-    original = json_stream.write
-    json_stream.write = lambda text: writes.append(text) or original(text)  # type: ignore[method-assign]
-    access = logs.AccessLog()
-    access.json_formatter = logs.access_log.json_formatter
+async def test_a_full_batch_is_written_at_once(writes: list[str]) -> None:
+    access = json_access_log()
     access.MAX_PENDING = 3
     access.FLUSH_SECONDS = 3600  # only a full batch can be written in this test
     for n in range(4):
@@ -130,8 +140,7 @@ def test_access_line_has_the_keys_structlog_renders(json_stream: io.StringIO) ->
     # The same event through structlog's pipeline, for comparison.
     logging.getLogger("edge.test").info("x")  # a foreign (stdlib) line also renders as JSON
     structlog_line = json.loads(json_stream.getvalue().splitlines()[-1])
-    access = logs.AccessLog()
-    access.json_formatter = logs.access_log.json_formatter
+    access = json_access_log()
     access.request("abc", "u1", "GET", "healthz", "/healthz", 200, 15, 0.000123)
     access.flush()
     line = json.loads(json_stream.getvalue().splitlines()[-1])
@@ -235,8 +244,7 @@ def test_merged_exposition_passes_promtool() -> None:
 
 
 def test_lines_left_by_a_stopped_loop_do_not_wait_forever(json_stream: io.StringIO) -> None:
-    access = logs.AccessLog()
-    access.json_formatter = logs.access_log.json_formatter
+    access = json_access_log()
     access.FLUSH_SECONDS = 3600
 
     async def one_line(request_id: str) -> None:
