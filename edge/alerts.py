@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import structlog
 from prometheus_client import Counter
 
-from edge.metrics import Metrics
+from edge.metrics import LoopCounter, Metrics
 from edge.settings import Settings
 
 _PLAY_ROUTES = frozenset({"play", "play_head"})
@@ -37,7 +37,9 @@ def rss_bytes() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def counter_total(counter: Counter, where: Callable[[dict[str, str]], bool] | None = None) -> float:
+def counter_total(
+    counter: Counter | LoopCounter, where: Callable[[dict[str, str]], bool] | None = None
+) -> float:
     total = 0.0
     for family in counter.collect():
         for sample in family.samples:

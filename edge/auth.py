@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import jwt
-import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edge.errors import ApiError
+from edge.logs import CURRENT
 
 # Who asked, for the access line (which is written after the handler's context is gone).
-USER_ID = web.RequestKey("user_id", str)
 
 Tier = Literal["free", "premium", "hifi"]
 TIERS: tuple[Tier, ...] = ("free", "premium", "hifi")
@@ -145,8 +144,10 @@ def principal(request: web.Request, verifier: Verifier, allow_anonymous: bool) -
     else:
         raise ApiError(401, "token_required", "a player token is required")
     # The request's log lines (the access line too) say who asked; never the token.
-    structlog.contextvars.bind_contextvars(user_id=who.user_id, tier=who.tier)
-    request[USER_ID] = who.user_id
+    ctx = CURRENT.get()
+    if ctx is not None:
+        ctx.user_id = who.user_id
+        ctx.tier = who.tier
     return who
 
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import Counter
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -85,6 +85,22 @@ return 1
 """
 
 
+# Every invalidation bumps one counter in Redis and logs what it dropped (newest first, bounded);
+# each process reads both every half L1 TTL and drops the same slots from its own L1. While
+# those reads succeed, an L1 copy is good for L1_MAX_AGE, not just the L1 TTL: a hot key costs
+# Redis one read a minute instead of one every 5 s per process, and another process's
+# invalidation shows here sooner (within half the TTL), not later.
+GENERATION_KEY = "cache:l1:generation"
+INVALIDATED_KEY = "cache:l1:invalidated"
+L1_MAX_AGE = 60.0
+_INVALIDATED = """
+local generation = redis.call('INCR', KEYS[1])
+for i = 2, #ARGV do redis.call('LPUSH', KEYS[2], generation .. ' ' .. ARGV[i]) end
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[1]) - 1)
+return generation
+"""
+
+
 def etag_of(body: bytes) -> str:
     return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
 
@@ -99,11 +115,19 @@ Loader = Callable[[], Awaitable[bytes | None]]
 
 
 class Cache:
-    """L1 (this process, hottest keys only, short TTL) + L2 (Redis, the guide's TTLs).
+    """L1 (this process, hottest keys only) + L2 (Redis, the guide's TTLs).
 
     A key may hold variants in a Redis hash (`field`), e.g. one per page size and cursor of a
     search, so the key itself stays exactly the guide's and one DEL invalidates all variants.
+
+    An L1 copy is fresh for the L1 TTL, or for L1_MAX_AGE while `watch` keeps reading the
+    invalidations every process logs in Redis (GENERATION_KEY); past that it is served once
+    more while one refresh runs, and past twice that it is gone.
     """
+
+    # Invalidations kept in Redis for other processes: one that falls further behind drops its
+    # whole L1.
+    LOG_LENGTH = 1000
 
     def __init__(self, redis: Redis | None, metrics: Metrics, settings: Settings) -> None:
         self.redis = redis
@@ -113,9 +137,18 @@ class Cache:
         self.l1_size = settings.cache_l1_size
         self.jitter = settings.cache_ttl_jitter
         self.retry_seconds = settings.redis_retry_seconds
+        # slot -> (stored at, entry), least recently stored first
         self._l1: OrderedDict[tuple[str, str | None], tuple[float, Entry]] = OrderedDict()
+        # The invalidation generation this L1 has applied, and until when that is known to be
+        # current (monotonic time; 0: not watching, copies live for the L1 TTL only).
+        self._generation: int | None = None
+        self._watched_until = 0.0
+        self._watch_began = 0.0
+        self._watch: asyncio.Task[None] | None = None
+        # Bumped by every drop from L1: a load that started before one may carry what was
+        # dropped, so it is not stored in L1.
+        self._drops = 0
         self._inflight: dict[tuple[str, str | None], asyncio.Future[Entry | None]] = {}
-        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         self._down_until = 0.0
         self._down = False
         metrics.redis_up.set(1 if redis is not None else 0)
@@ -133,18 +166,18 @@ class Cache:
         l1: bool = False,
     ) -> Entry | None:
         """The cached entry, or the loader's result (None: not found, not cached)."""
-        self._child(self.metrics.cache_lookups, cache).inc()
+        self.metrics.cache_lookups.labels(cache).inc()
         slot = (key, field)
         if l1:
             hit, fresh = self._l1_get(slot)
             if hit is not None:
-                self._child(self.metrics.cache_requests, cache, "l1", "hit").inc()
+                self.metrics.cache_requests.labels(cache, "l1", "hit").inc()
                 if not fresh and slot not in self._inflight:
                     # Refresh ahead: the listener gets the copy now, the next one a new copy
                     # from Redis (which another process's invalidation has reached).
                     self._load(cache, key, ttl, loader, field, l1)
                 return hit
-            self._child(self.metrics.cache_requests, cache, "l1", "miss").inc()
+            self.metrics.cache_requests.labels(cache, "l1", "miss").inc()
         pending = self._inflight.get(slot) or self._load(cache, key, ttl, loader, field, l1)
         # shield: a client that goes away must not cancel the load others are waiting for.
         return await asyncio.shield(pending)
@@ -173,7 +206,7 @@ class Cache:
         body = await loader()
         if body is None:
             return None
-        self._child(self.metrics.cache_loads, cache).inc()
+        self.metrics.cache_loads.labels(cache).inc()
         entry = Entry(body, etag_of(body))
         await self._l2_set(key, field, body, ttl)
         if l1:
@@ -181,14 +214,14 @@ class Cache:
         return entry
 
     async def invalidate(self, cache: str, *keys: str) -> None:
-        """Drop keys (all their variants) from L1 here and from Redis. Other processes' L1
-        copies expire within EDGE_CACHE_L1_TTL."""
+        """Drop keys (all their variants) from L1 here and from Redis, and log them for the
+        other processes' L1 (`watch`)."""
         if not keys:
             return
-        for slot in [s for s in self._l1 if s[0] in keys]:
-            del self._l1[slot]
+        self._drop_l1(keys)
         self.metrics.cache_invalidations.labels(cache).inc(len(keys))
         await self._redis_call(lambda r: r.unlink(*(self.prefix + k for k in keys)))
+        await self._log_invalidation(keys)
 
     async def invalidate_track(self, track_id: int) -> None:
         await self.invalidate("track", track_key(track_id))
@@ -202,8 +235,7 @@ class Cache:
     async def invalidate_pattern(self, cache: str, pattern: str) -> int:
         """Drop every key matching a pattern, e.g. `search:*` after a catalog change (SCAN, never
         KEYS, so a large Redis is not blocked)."""
-        for slot in [s for s in self._l1 if _glob_prefix_match(s[0], pattern)]:
-            del self._l1[slot]
+        self._drop_l1((), (pattern,))
 
         async def scan_and_unlink(r: Redis) -> int:
             removed = 0
@@ -218,6 +250,7 @@ class Cache:
             return removed
 
         removed = await self._redis_call(scan_and_unlink)
+        await self._log_invalidation((pattern,))
         count = removed if isinstance(removed, int) else 0
         self.metrics.cache_invalidations.labels(cache).inc(count)
         return count
@@ -226,25 +259,86 @@ class Cache:
     def redis_available(self) -> bool:
         return self.redis is not None and not self._down
 
+    def start_watching(self) -> None:
+        """Apply other processes' invalidations to this L1 every half L1 TTL, from now until
+        stop_watching (the app does both)."""
+        if self.redis is not None and self.l1_ttl > 0 and self._watch is None:
+            self._watch = asyncio.create_task(self._watch_loop())
+
+    async def stop_watching(self) -> None:
+        """Stop reading invalidations; from then on L1 copies live for the L1 TTL."""
+        watch, self._watch = self._watch, None
+        self._watched_until = 0.0
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+    async def _watch_loop(self) -> None:
+        interval = self.l1_ttl / 2
+        while True:
+            try:
+                await self.apply_invalidations()
+            except Exception as exc:  # a bad log entry must not stop the watch
+                log.error("cache_l1_watch_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(interval)  # the schedule itself, not synchronisation
+
+    async def apply_invalidations(self) -> None:
+        """Read the invalidation log once and drop what it names from L1. If it cannot be
+        read, L1 copies fall back to the L1 TTL when the last good read is that old."""
+        if self.redis is None or self.l1_ttl <= 0:
+            return
+        checked = time.monotonic()
+
+        async def read(r: Redis) -> list[Any]:
+            pipe = r.pipeline(transaction=True)
+            pipe.get(self.prefix + GENERATION_KEY)
+            pipe.lrange(self.prefix + INVALIDATED_KEY, 0, self.LOG_LENGTH - 1)
+            return await pipe.execute()
+
+        got = await self._redis_call(read)
+        if not isinstance(got, list):
+            return
+        generation = int(got[0] or 0)
+        seen = self._generation
+        if seen is None:
+            # What was stored (or is being loaded) before the first read may predate
+            # invalidations it cannot see: that keeps the L1 TTL.
+            self._watch_began = checked
+            self._drops += 1
+        elif generation != seen:
+            newer = [(int(g), what.decode()) for g, _, what in (e.partition(b" ") for e in got[1])]
+            newer = [(g, what) for g, what in newer if g > seen]
+            if generation < seen or not any(g == seen + 1 for g, _ in newer):
+                # Redis was reset, or this process fell further behind than the log reaches.
+                self._clear_l1()
+                log.info("cache_l1_cleared", generation=generation, seen=seen)
+            else:
+                exact = [w for _, w in newer if not w.endswith("*")]
+                self._drop_l1(exact, [w for _, w in newer if w.endswith("*")])
+        self._generation = generation
+        self._watched_until = checked + self.l1_ttl
+
     # -- internals ----------------------------------------------------------------------------
 
     async def _fill(
         self, cache: str, key: str, ttl: int, loader: Loader, field: str | None, l1: bool
     ) -> Entry | None:
+        drops = self._drops
         cached = await self._l2_get(key, field)
         if cached is not None:
-            self._child(self.metrics.cache_requests, cache, "redis", "hit").inc()
+            self.metrics.cache_requests.labels(cache, "redis", "hit").inc()
             entry = Entry(cached, etag_of(cached))
         else:
             result = "miss" if self.redis_available else "error"
-            self._child(self.metrics.cache_requests, cache, "redis", result).inc()
+            self.metrics.cache_requests.labels(cache, "redis", result).inc()
             body = await loader()
-            self._child(self.metrics.cache_loads, cache).inc()
+            self.metrics.cache_loads.labels(cache).inc()
             if body is None:
                 return None
             entry = Entry(body, etag_of(body))
             await self._l2_set(key, field, body, ttl)
-        if l1:
+        if l1 and self._drops == drops:
             self._l1_put((key, field), entry)
         return entry
 
@@ -254,34 +348,50 @@ class Cache:
         if not future.cancelled():
             future.exception()
 
-    def _child(self, family: Counter, *labels: str) -> Counter:
-        """A labelled counter's child, kept: prometheus-client's labels() takes a lock and
-        converts every value on each call, and a cache hit counts twice."""
-        key = (family, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = family.labels(*labels)
-        return child
-
     def _l1_get(self, slot: tuple[str, str | None]) -> tuple[Entry | None, bool]:
-        """(entry, fresh). Past its TTL an entry is still served, once refreshing, for another
-        TTL (a hot key then never waits for Redis); past that it is gone."""
+        """(entry, fresh). Past its lifetime an entry is still served, once refreshing, for
+        another lifetime (a hot key then never waits for Redis); past that it is gone."""
         found = self._l1.get(slot)
         if found is None:
             return None, False
-        expires, entry = found
+        stored, entry = found
         now = time.monotonic()
-        if expires >= now:
+        watched = self._watched_until >= now and stored >= self._watch_began
+        lifetime = L1_MAX_AGE if watched else self.l1_ttl
+        age = now - stored
+        if age <= lifetime:
             return entry, True
-        if expires + self.l1_ttl >= now:
+        if age <= 2 * lifetime:
             return entry, False
         del self._l1[slot]
         return None, False
 
+    def _clear_l1(self) -> None:
+        self._l1.clear()
+        self._drops += 1
+
+    def _drop_l1(self, keys: Iterable[str], patterns: Iterable[str] = ()) -> None:
+        keys, patterns = set(keys), tuple(patterns)
+        self._drops += 1
+        for slot in [s for s in self._l1 if s[0] in keys or _matches_any(s[0], patterns)]:
+            del self._l1[slot]
+
+    async def _log_invalidation(self, what: Iterable[str]) -> None:
+        await self._redis_call(
+            lambda r: r.eval(
+                _INVALIDATED,
+                2,
+                self.prefix + GENERATION_KEY,
+                self.prefix + INVALIDATED_KEY,
+                self.LOG_LENGTH,
+                *what,
+            )
+        )
+
     def _l1_put(self, slot: tuple[str, str | None], entry: Entry) -> None:
         if self.l1_size <= 0 or self.l1_ttl <= 0:
             return
-        self._l1[slot] = (time.monotonic() + self.l1_ttl, entry)
+        self._l1[slot] = (time.monotonic(), entry)
         self._l1.move_to_end(slot)
         while len(self._l1) > self.l1_size:
             self._l1.popitem(last=False)
@@ -320,7 +430,7 @@ class Cache:
             return None
         except RedisError as exc:
             # Redis answered, with an error: a bug of ours, not an outage.
-            self._child(self.metrics.cache_requests, "redis", "redis", "error").inc()
+            self.metrics.cache_requests.labels("redis", "redis", "error").inc()
             log.error("redis_command_failed", error=f"{type(exc).__name__}: {exc}")
             return None
         if self._down:
@@ -336,6 +446,10 @@ class Cache:
             self.metrics.redis_up.set(0)
             self.metrics.redis_outages.inc()
             log.error("redis_unreachable", error=f"{type(exc).__name__}: {exc}")
+
+
+def _matches_any(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(_glob_prefix_match(key, p) for p in patterns)
 
 
 def _glob_prefix_match(key: str, pattern: str) -> bool:

@@ -49,43 +49,86 @@ class PoolCollector(Collector):
         yield GaugeMetricFamily("edge_db_pool_max", "Pool size limit", pool.get_max_size())
 
 
+class LoopCounter(Collector):
+    """A labelled counter for the per-request path, counted in a plain dict.
+
+    prometheus-client's Counter takes a lock and checks its value on every inc(), which costs
+    more than a cache hit itself. Here inc() is one addition: the event loop is the only writer,
+    and a scrape copies before it reads. The samples are those a Counter would expose (without
+    `_created`).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Iterable[str], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _Count] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Count:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = self._children[values] = _Count()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(values, child.value)
+        yield family
+
+
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
 class HttpStats(Collector):
     """Per-request HTTP numbers, kept in plain dicts and exported at scrape time.
 
     Every request updates these, so they must cost next to nothing: prometheus-client's
     labelled children take a lock and a label lookup per update (about 5 µs for the three
     families of a request, an eighth of a whole /healthz). Here an update is a dict lookup and
-    two integer additions; the event loop is the only writer, and a scrape copies before it
+    two additions; the event loop is the only writer, and a scrape copies before it
     reads. The families and samples are those prometheus-client would expose.
     """
 
     def __init__(self, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> None:
         self.bounds = tuple(float(b) for b in buckets)
         self.in_flight = 0
-        # (route, method, status) -> responses
-        self.responses: dict[tuple[str, str, str], int] = {}
-        # (route, method, status class) -> [count per bucket, the last one +Inf], and sums
-        self.buckets: dict[tuple[str, str, str], list[int]] = {}
-        self.sums: dict[tuple[str, str, str], float] = {}
+        # (route, method, status) -> [responses per duration bucket (the last one +Inf)...,
+        # sum of durations]: one dict lookup per request. The counter by status and the
+        # histogram by status class are added up from these at scrape time.
+        self.entries: dict[tuple[str, str, int], list[float]] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, str(status))
-        responses = self.responses
-        responses[key] = responses.get(key, 0) + 1
-        key = (route, method, _STATUS_CLASSES.get(status // 100, "other"))
-        counts = self.buckets.get(key)
-        if counts is None:
-            counts = self.buckets[key] = [0] * (len(self.bounds) + 1)
-            self.sums[key] = 0.0
-        counts[bisect_left(self.bounds, seconds)] += 1
-        self.sums[key] += seconds
+        entry = self.entries.get((route, method, status))
+        if entry is None:
+            entry = self.entries[route, method, status] = [0] * (len(self.bounds) + 2)
+        entry[bisect_left(self.bounds, seconds)] += 1
+        entry[-1] += seconds
 
     def collect(self) -> Iterator[Metric]:
+        entries = [(labels, entry[:]) for labels, entry in list(self.entries.items())]
         responses = CounterMetricFamily(
             "edge_http_requests", "HTTP responses sent", labels=["route", "method", "status"]
         )
-        for labels, count in list(self.responses.items()):
-            responses.add_metric(labels, count)
+        by_class: dict[tuple[str, str, str], list[float]] = {}
+        for (route, method, status), entry in entries:
+            responses.add_metric([route, method, str(status)], sum(entry[:-1]))
+            key = (route, method, _STATUS_CLASSES.get(status // 100, "other"))
+            total = by_class.setdefault(key, [0] * len(entry))
+            for n, value in enumerate(entry):
+                total[n] += value
         yield responses
         duration = HistogramMetricFamily(
             "edge_http_request_duration_seconds",
@@ -93,18 +136,22 @@ class HttpStats(Collector):
             labels=["route", "method", "status_class"],
         )
         les = [*(floatToGoString(b) for b in self.bounds), "+Inf"]  # type: ignore[no-untyped-call]
-        for labels, counts in list(self.buckets.items()):
-            cumulative = list(accumulate(counts))
-            duration.add_metric(labels, list(zip(les, cumulative, strict=True)), self.sums[labels])
+        for labels, total in by_class.items():
+            cumulative = list(accumulate(total[:-1]))
+            duration.add_metric(labels, list(zip(les, cumulative, strict=True)), total[-1])
         yield duration
         yield GaugeMetricFamily(
             "edge_http_requests_in_flight", "Requests being handled", self.in_flight
         )
 
-    def total(self, where: Callable[[str, str, str], bool] | None = None) -> int:
+    def total(self, where: Callable[[str, str, int], bool] | None = None) -> int:
         """Responses sent, all or those whose (route, method, status) `where` accepts."""
-        return sum(
-            n for labels, n in list(self.responses.items()) if where is None or where(*labels)
+        return int(
+            sum(
+                sum(entry[:-1])
+                for labels, entry in list(self.entries.items())
+                if where is None or where(*labels)
+            )
         )
 
 
@@ -126,23 +173,21 @@ class Metrics:
         self.http = HttpStats()
         r.register(self.http)
         self.errors = Counter("edge_errors", "Error responses by error code", ["code"], registry=r)
-        self.cache_requests = Counter(
+        # (Counted on every catalog request: plain counters.)
+        self.cache_requests = LoopCounter(
             "edge_cache_requests",
             "Cache look-ups by cache, level and result",
             ["cache", "level", "result"],
-            registry=r,
+            r,
         )
-        self.cache_lookups = Counter(
+        self.cache_lookups = LoopCounter(
             "edge_cache_lookups",
             "Cache look-ups by cache (hit rate = 1 - loads / lookups)",
             ["cache"],
-            registry=r,
+            r,
         )
-        self.cache_loads = Counter(
-            "edge_cache_loads",
-            "Loads from PostgreSQL after a miss (single-flight)",
-            ["cache"],
-            registry=r,
+        self.cache_loads = LoopCounter(
+            "edge_cache_loads", "Loads from PostgreSQL after a miss (single-flight)", ["cache"], r
         )
         self.cache_invalidations = Counter(
             "edge_cache_invalidations", "Keys invalidated", ["cache"], registry=r

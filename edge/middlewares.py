@@ -15,10 +15,9 @@ from aiohttp.typedefs import Handler, Middleware
 
 from edge import keys
 from edge.alerts import Alerts
-from edge.auth import USER_ID
 from edge.catalog import DatabaseUnavailable
 from edge.errors import ApiError, json_error
-from edge.logs import access_log
+from edge.logs import CURRENT, RequestContext, access_log
 from edge.metrics import Metrics
 
 log = structlog.get_logger("edge.access")
@@ -34,9 +33,6 @@ _HTTP_CODES = {
     415: "unsupported_media_type",
     429: "too_many_requests",
 }
-
-
-REQUEST_ID = web.RequestKey("request_id", str)
 
 
 # PostgreSQL is down, restarting, refusing connections, or our pool waited too long (the
@@ -65,9 +61,9 @@ async def response_headers(request: web.Request, response: web.StreamResponse) -
     streamed ones too, carries the request id and nosniff; HTML pages a Content-Security-Policy.
     """
     headers = response.headers
-    request_id = request.get(REQUEST_ID)
-    if request_id:
-        headers["X-Request-ID"] = request_id
+    ctx = CURRENT.get()
+    if ctx is not None:
+        headers["X-Request-ID"] = ctx.request_id
     headers.setdefault("X-Content-Type-Options", "nosniff")
     if headers.get("Content-Type", "").startswith("text/html"):
         headers.setdefault("Content-Security-Policy", CSP)
@@ -100,18 +96,19 @@ def observe(metrics: Metrics, alerts: Alerts) -> Middleware:
     """Request id, HTTP metrics, the access line, and errors as JSON (errors_as_json's work,
     done here so a request passes one middleware, not two). This runs around every request,
     so it is kept to plain operations (metrics.HttpStats and logs.AccessLog say what they
-    avoid), with what it needs bound here rather than looked up per request. Each request runs
-    in its own task: what it binds to the log context ends with it.
+    avoid), with what it needs bound here rather than looked up per request. The request's id
+    and user live in one logs.RequestContext; each request runs in its own task, so it ends
+    with the request.
     """
     http = metrics.http
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         incoming = request.headers.get("X-Request-ID")
-        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id()
-        request[REQUEST_ID] = request_id
-        request[USER_ID] = ""  # until auth knows (reading a missing key costs a KeyError)
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        ctx = RequestContext(
+            incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id()
+        )
+        CURRENT.set(ctx)
         started = time.perf_counter()
         http.in_flight += 1
         status = 500
@@ -123,10 +120,15 @@ def observe(metrics: Metrics, alerts: Alerts) -> Middleware:
             except Exception as exc:
                 response = error_response(request, exc)
             status = response.status
-            # (A class check first: isinstance against aiohttp's response classes goes
-            # through ABCMeta, which costs more than the rest of this block.)
-            streamed = type(response) is not web.Response and not isinstance(response, web.Response)
-            sent = response.body_length if streamed else response.content_length
+            # (Class and type checks first: isinstance against aiohttp's response classes, and
+            # Response.content_length's against Payload, go through ABCMeta, which costs more
+            # than the rest of this block.)
+            if type(response) is web.Response:
+                body = response.body
+                sent = len(body) if type(body) is bytes else response.content_length
+            else:
+                streamed = not isinstance(response, web.Response)
+                sent = response.body_length if streamed else response.content_length
             return response
         except web.HTTPException as exc:  # a redirect raised by a handler
             status = exc.status
@@ -146,8 +148,8 @@ def observe(metrics: Metrics, alerts: Alerts) -> Middleware:
                 alerts.observe_response(elapsed)
             if access_log.enabled():
                 access_log.request(
-                    request_id,
-                    request[USER_ID] or None,
+                    ctx.request_id,
+                    ctx.user_id,
                     method,
                     route,
                     # As sent (percent-encoded), without the query (it may carry a token);

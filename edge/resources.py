@@ -124,10 +124,12 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         max_connections=256,
     )
     app[keys.REDIS] = client
-    app[keys.CACHE] = Cache(client, app[keys.METRICS], settings)
+    app[keys.CACHE] = cache = Cache(client, app[keys.METRICS], settings)
+    cache.start_watching()
     try:
         yield
     finally:
+        await cache.stop_watching()
         await client.aclose()
 
 

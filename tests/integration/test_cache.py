@@ -181,14 +181,58 @@ def age_l1(client: Client, key: str, seconds: float) -> None:
     assert aged == 1
 
 
-async def test_l1_refreshes_ahead_of_another_process_invalidation(
+async def test_another_process_invalidation_reaches_l1_at_its_next_read(
     make_client: Any, catalog: dict[str, Any], db: Any
 ) -> None:
-    """Two Edge processes on one Redis: B's invalidation reaches A's L1 within its TTL. A hot
-    key past its TTL is served once more while A refreshes it (no listener waits for Redis);
-    a key idle for more than twice the TTL is simply loaded again."""
+    """Two Edge processes on one Redis: B's invalidation is logged in Redis, and A's L1 drops
+    that key (only that key) when it next reads the log, which it does every half L1 TTL."""
+    # With a 600 s TTL the watch reads once at start and not again during this test: the
+    # reads that matter are the ones the test makes.
+    a = await make_client(cache_l1_ttl=600.0)
+    b = await make_client(cache_l1_ttl=600.0)
+    a_cache = a.app[keys.CACHE]
+    await a_cache.apply_invalidations()
+    track, other = catalog["tracks"]["shoot"], catalog["tracks"]["formation"]
+    url = f"/api/v1/tracks/{track}"
+    assert (await (await a.get(url)).json())["title"] == "Shoot to Thrill"
+    assert (await a.get(f"/api/v1/tracks/{other}")).status == 200
+    await db.execute("UPDATE tracks SET title = 'Shoot to Chill' WHERE id = $1", track)
+    await b.app[keys.CACHE].invalidate_track(track)
+    assert (await (await b.get(url)).json())["title"] == "Shoot to Chill"
+    assert (await (await a.get(url)).json())["title"] == "Shoot to Thrill"  # until A reads
+
+    await a_cache.apply_invalidations()
+    hits = cache_count(a, "track", "l1", "hit")
+    assert (await (await a.get(url)).json())["title"] == "Shoot to Chill"
+    assert (await a.get(f"/api/v1/tracks/{other}")).status == 200
+    assert cache_count(a, "track", "l1", "hit") == hits + 1  # the other track stayed in L1
+
+
+async def test_l1_that_fell_behind_the_invalidation_log_is_dropped(
+    make_client: Any, catalog: dict[str, Any]
+) -> None:
+    a = await make_client(cache_l1_ttl=600.0)
+    b = await make_client(cache_l1_ttl=600.0)
+    a_cache, b_cache = a.app[keys.CACHE], b.app[keys.CACHE]
+    a_cache.LOG_LENGTH = b_cache.LOG_LENGTH = 2
+    await a_cache.apply_invalidations()
+    assert (await a.get("/api/v1/tracks/popular")).status == 200
+    assert a_cache._l1
+    for n in range(3):  # more than the log keeps, none of them A's key
+        await b_cache.invalidate("track", f"track:{10**9 + n}")
+    await a_cache.apply_invalidations()
+    assert len(a_cache._l1) == 0
+
+
+async def test_l1_keeps_its_ttl_when_invalidations_are_not_read(
+    make_client: Any, catalog: dict[str, Any], db: Any
+) -> None:
+    """Without reads of the invalidation log (Redis unreachable, or the watch stopped), an L1
+    copy lives for the L1 TTL: a hot key past it is served once more while A refreshes it (no
+    listener waits for Redis); a key idle for more than twice the TTL is loaded again."""
     a = await make_client(cache_l1_ttl=5.0)
     b = await make_client(cache_l1_ttl=5.0)
+    await a.app[keys.CACHE].stop_watching()
     track = catalog["tracks"]["shoot"]
     url = f"/api/v1/tracks/{track}"
     key = f"track:{track}"  # L1 slots are keyed without the Redis prefix
