@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from edge.metrics import Metrics
+from edge.metrics import LoopCount, Metrics
 from edge.settings import Settings
 
 if TYPE_CHECKING:
@@ -145,6 +145,8 @@ class Cache:
         self._watched_until = 0.0
         self._watch_began = 0.0
         self._watch: asyncio.Task[None] | None = None
+        # cache -> its lookups and L1 hits counters (peek's, bound once)
+        self._hit_counts: dict[str, tuple[LoopCount, LoopCount]] = {}
         # Bumped by every drop from L1: a load that started before one may carry what was
         # dropped, so it is not stored in L1.
         self._drops = 0
@@ -166,21 +168,38 @@ class Cache:
         l1: bool = False,
     ) -> Entry | None:
         """The cached entry, or the loader's result (None: not found, not cached)."""
-        self.metrics.cache_lookups.labels(cache).inc()
-        slot = (key, field)
         if l1:
-            hit, fresh = self._l1_get(slot)
+            hit = self.peek(cache, key, ttl, loader, field=field)
             if hit is not None:
-                self.metrics.cache_requests.labels(cache, "l1", "hit").inc()
-                if not fresh and slot not in self._inflight:
-                    # Refresh ahead: the listener gets the copy now, the next one a new copy
-                    # from Redis (which another process's invalidation has reached).
-                    self._load(cache, key, ttl, loader, field, l1)
                 return hit
             self.metrics.cache_requests.labels(cache, "l1", "miss").inc()
+        self.metrics.cache_lookups.labels(cache).inc()
+        slot = (key, field)
         pending = self._inflight.get(slot) or self._load(cache, key, ttl, loader, field, l1)
         # shield: a client that goes away must not cancel the load others are waiting for.
         return await asyncio.shield(pending)
+
+    def peek(
+        self, cache: str, key: str, ttl: int, loader: Loader, *, field: str | None = None
+    ) -> Entry | None:
+        """The L1 copy, without a coroutine (a hit is most of the catalog's traffic), or None:
+        then `get(..., l1=True)` does the rest. A copy past its lifetime is returned and
+        refreshed ahead: this listener gets it now, the next one a new copy from Redis."""
+        slot = (key, field)
+        hit, fresh = self._l1_get(slot)
+        if hit is None:
+            return None
+        counts = self._hit_counts.get(cache)
+        if counts is None:
+            counts = self._hit_counts[cache] = (
+                self.metrics.cache_lookups.labels(cache),
+                self.metrics.cache_requests.labels(cache, "l1", "hit"),
+            )
+        counts[0].value += 1
+        counts[1].value += 1
+        if not fresh and slot not in self._inflight:
+            self._load(cache, key, ttl, loader, field, True)
+        return hit
 
     def _load(
         self, cache: str, key: str, ttl: int, loader: Loader, field: str | None, l1: bool

@@ -64,15 +64,15 @@ class LoopCounter(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], _Count] = {}
+        self._children: dict[tuple[str, ...], LoopCount] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> _Count:
+    def labels(self, *values: str) -> LoopCount:
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            child = self._children[values] = _Count()
+            child = self._children[values] = LoopCount()
         return child
 
     def collect(self) -> Iterator[Metric]:
@@ -82,7 +82,7 @@ class LoopCounter(Collector):
         yield family
 
 
-class _Count:
+class LoopCount:
     __slots__ = ("value",)
 
     def __init__(self) -> None:

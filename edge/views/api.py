@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from edge import auth, keys
 from edge import cache as ck
@@ -29,9 +29,10 @@ def _catalog(request: web.Request) -> Catalog:
 
 def _id(request: web.Request, name: str = "id") -> int:
     raw = request.match_info[name]
-    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) <= MAX_ID:
+    value = int(raw) if raw.isascii() and raw.isdigit() else 0
+    if not 0 < value <= MAX_ID:
         raise bad_request(f"{name} must be a positive integer")
-    return int(raw)
+    return value
 
 
 def _limit(request: web.Request) -> int:
@@ -63,12 +64,16 @@ def respond(
 ) -> web.Response:
     if entry is None:
         raise not_found(what)
-    headers = {"ETag": entry.etag, "Cache-Control": cache_control}
-    if _matches(request.headers.get("If-None-Match"), entry.etag):
-        return web.Response(status=304, headers=headers)
+    if _matches(request.headers.get(hdrs.IF_NONE_MATCH), entry.etag):
+        return web.Response(
+            status=304, headers={hdrs.ETAG: entry.etag, hdrs.CACHE_CONTROL: cache_control}
+        )
     # The header as text, not content_type=: aiohttp would parse and rebuild it per response.
-    headers["Content-Type"] = JSON
-    return web.Response(body=entry.body, headers=headers)
+    # (Names as aiohttp's istr constants: the header map need not fold their case.)
+    return web.Response(
+        body=entry.body,
+        headers={hdrs.ETAG: entry.etag, hdrs.CACHE_CONTROL: cache_control, hdrs.CONTENT_TYPE: JSON},
+    )
 
 
 async def _paged(load: Callable[[], Awaitable[Page | None]]) -> bytes | None:
@@ -86,13 +91,13 @@ def _variant(limit: int, cursor: str | None) -> str:
 @routes.get("/api/v1/tracks/popular", name="api_popular")
 async def popular(request: web.Request) -> web.Response:
     limit, cursor = _limit(request), _cursor(request)
-    entry = await request.app[keys.CACHE].get(
-        "popular",
-        ck.popular_key(limit),
-        ck.TTL_POPULAR,
-        lambda: _paged(lambda: _catalog(request).popular(limit, cursor)),
-        field=cursor or ck.FIRST_PAGE,
-        l1=True,
+    cache, key, field = request.app[keys.CACHE], ck.popular_key(limit), cursor or ck.FIRST_PAGE
+
+    def load() -> Awaitable[bytes | None]:
+        return _paged(lambda: _catalog(request).popular(limit, cursor))
+
+    entry = cache.peek("popular", key, ck.TTL_POPULAR, load, field=field) or await cache.get(
+        "popular", key, ck.TTL_POPULAR, load, field=field, l1=True
     )
     return respond(request, entry, "page")
 
@@ -107,13 +112,14 @@ async def recent(request: web.Request) -> web.Response:
 @routes.get("/api/v1/tracks/{id}", name="api_track")
 async def track(request: web.Request) -> web.Response:
     track_id = _id(request)
-    # (The Catalog is made only on a miss: a hit never touches the database.)
-    entry = await request.app[keys.CACHE].get(
-        "track",
-        ck.track_key(track_id),
-        ck.TTL_TRACK,
-        lambda: _catalog(request).track(track_id),
-        l1=True,
+    cache, key = request.app[keys.CACHE], ck.track_key(track_id)
+
+    def load() -> Awaitable[bytes | None]:
+        # (The Catalog is made only on a miss: a hit never touches the database.)
+        return _catalog(request).track(track_id)
+
+    entry = cache.peek("track", key, ck.TTL_TRACK, load) or await cache.get(
+        "track", key, ck.TTL_TRACK, load, l1=True
     )
     return respond(request, entry, "track")
 

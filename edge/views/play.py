@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
@@ -78,9 +78,13 @@ def _catalog(app: web.Application) -> Catalog:
 
 
 async def load_track(app: web.Application, track_id: int) -> TrackInfo | None:
-    catalog = _catalog(app)
-    entry = await app[keys.CACHE].get(
-        "track", ck.track_key(track_id), ck.TTL_TRACK, lambda: catalog.track(track_id), l1=True
+    cache, key = app[keys.CACHE], ck.track_key(track_id)
+
+    def load() -> Awaitable[bytes | None]:
+        return _catalog(app).track(track_id)
+
+    entry = cache.peek("track", key, ck.TTL_TRACK, load) or await cache.get(
+        "track", key, ck.TTL_TRACK, load, l1=True
     )
     return app[TRACK_INFOS].get(entry) if entry is not None else None
 
