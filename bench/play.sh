@@ -24,6 +24,7 @@
 #
 #   bash bench/play.sh                          # the full run, ~11 min
 #   DURATION=5 ROUNDS=2 SLOW_HOLD=10 bash bench/play.sh    # a quick look
+#   STEPS=3 TRACKS=200 AUDIO=1 bash bench/play.sh            # only the slow clients (~3 min)
 #
 # Needs wrk and nginx (Debian: apt-get update && apt-get install -y wrk nginx), psql, curl,
 # openssl, ss, taskset, `edge` on PATH (pip install -e .). Raw outputs go to $OUT (bench/out/
@@ -52,6 +53,7 @@ SESSIONS=${SESSIONS:-10000}
 SCRAPES=${SCRAPES:-50}
 PIN=${PIN:-1}
 PROFILE=${PROFILE:-1}
+STEPS=${STEPS:-1234}              # which of the numbered steps below to run
 KEEP_DB=${KEEP_DB:-0}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-1500}   # the whole run, seconds
 
@@ -359,8 +361,9 @@ local_us = min(timeit.repeat(lambda: local.sign("/media/demo/10001/mp3-320.mp3",
 print(json.dumps({"cloudfront_us": cf_us, "local_us": local_us}))
 EOF
 
-phase "1. redirect" healthz-local redirect-local healthz-cloudfront redirect-cloudfront
-phase "2. proxy" proxy-local nginx media proxy-nginx
+step() { [[ $STEPS == *$1* ]]; }
+if step 1; then phase "1. redirect" healthz-local redirect-local healthz-cloudfront redirect-cloudfront; fi
+if step 2; then phase "2. proxy" proxy-local nginx media proxy-nginx; fi
 
 # -- profiles (not counted) ---------------------------------------------------------------------
 profile() {  # profile NAME EDGE: py-spy on that Edge during a DURATION-second run
@@ -375,7 +378,7 @@ profile() {  # profile NAME EDGE: py-spy on that Edge during a DURATION-second r
     [[ -s $OUT/profile-$name.raw ]] && "$PY" "$PLAY/profile_top.py" "$OUT/profile-$name.raw" 60 > "$OUT/profile-$name.txt"
     return 0
 }
-if [[ $PROFILE == 1 ]]; then
+if [[ $PROFILE == 1 ]] && step 1 && step 2; then
     say "profiles: py-spy on a during redirect-local, on c during proxy-nginx"
     profile redirect-local a
     profile proxy-nginx c
@@ -402,16 +405,20 @@ print(f"  RSS before {r['before']['vmrss_mb']} MB, all connected max {r['max_rss
 EOF
     timeout 10 curl -fsS "${BASE[$edge]}/metrics" > "$OUT/metrics-after-slow-$name.txt" || true
 }
-slow local a
-slow nginx c
+if step 3; then
+    slow local a
+    slow nginx c
+fi
 
 # -- 4. /metrics with many active sessions ------------------------------------------------------
 alive
-say "4. /metrics scrape time: $SCRAPES scrapes, then $SESSIONS new sessions, then $SCRAPES scrapes"
-timeout 600 "${CLI[@]}" "$PY" "$PLAY/sessions.py" --base "${BASE[a]}" --players "$OUT/players.txt" \
-    --ids "$OUT/ids.txt" --sessions "$SESSIONS" --scrapes "$SCRAPES" --json "$OUT/sessions.json" \
-    > "$OUT/sessions.txt" 2>&1 || { tail -5 "$OUT/sessions.txt" >&2; die "sessions.py failed"; }
-cut -c1-300 "$OUT/sessions.txt" >&2
+if step 4; then
+    say "4. /metrics scrape time: $SCRAPES scrapes, then $SESSIONS new sessions, then $SCRAPES scrapes"
+    timeout 600 "${CLI[@]}" "$PY" "$PLAY/sessions.py" --base "${BASE[a]}" --players "$OUT/players.txt" \
+        --ids "$OUT/ids.txt" --sessions "$SESSIONS" --scrapes "$SCRAPES" --json "$OUT/sessions.json" \
+        > "$OUT/sessions.txt" 2>&1 || { tail -5 "$OUT/sessions.txt" >&2; die "sessions.py failed"; }
+    cut -c1-300 "$OUT/sessions.txt" >&2
+fi
 timeout 10 curl -fsS "${BASE[a]}/metrics" > "$OUT/metrics-a.txt" || say "could not read /metrics of a"
 timeout 10 curl -fsS "${BASE[b]}/metrics" > "$OUT/metrics-b.txt" || say "could not read /metrics of b"
 timeout 10 curl -fsS "${BASE[c]}/metrics" > "$OUT/metrics-c.txt" || say "could not read /metrics of c"

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from edge.ranges import (
     ByteRange,
@@ -96,11 +97,12 @@ async def send(
             # A slow player's unsent bytes wait in this process: keep at most about one chunk
             # of them (the default allows 64 KiB beyond the chunk being written).
             request.transport.set_write_buffer_limits(high=CLIENT_WRITE_BUFFER)
+        writer = request.writer
         if decision.status == 200:
-            sent += await _pump(response, source(None), rep.size, sent)
+            sent += await _pump(response, writer, source(None), rep.size, sent)
         elif boundary is None:
             sent += await _pump(
-                response, source(decision.ranges[0]), decision.ranges[0].length, sent
+                response, writer, source(decision.ranges[0]), decision.ranges[0].length, sent
             )
         else:
             for header, part in multipart_parts(
@@ -108,7 +110,7 @@ async def send(
             ):
                 await response.write(header)
                 sent += len(header)
-                sent += await _pump(response, source(part), part.length, sent)
+                sent += await _pump(response, writer, source(part), part.length, sent)
             trailer = multipart_trailer(boundary)
             await response.write(trailer)
             sent += len(trailer)
@@ -122,7 +124,11 @@ async def send(
 
 
 async def _pump(
-    response: web.StreamResponse, chunks: AsyncIterator[bytes], expected: int, sent_before: int
+    response: web.StreamResponse,
+    writer: AbstractStreamWriter,
+    chunks: AsyncIterator[bytes],
+    expected: int,
+    sent_before: int,
 ) -> int:
     got = 0
     try:
@@ -130,8 +136,11 @@ async def _pump(
             if got + len(chunk) > expected:
                 chunk = chunk[: expected - got]
             if chunk:
-                # write() waits for the client to drain: backpressure, no unbounded buffer.
                 await response.write(chunk)
+                # Backpressure: wait while the client's unsent bytes are over the transport's
+                # high-water mark. (write() itself waits only after every 64 KiB written, so a
+                # slow player would otherwise hold up to 64 KiB and a chunk here.)
+                await writer.drain()
                 got += len(chunk)
             if got >= expected:
                 break
