@@ -24,8 +24,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from edge.errors import ApiError
 from edge.logs import CURRENT
 
-# Who asked, for the access line (which is written after the handler's context is gone).
-
 Tier = Literal["free", "premium", "hifi"]
 TIERS: tuple[Tier, ...] = ("free", "premium", "hifi")
 COOKIE = "edge_token"

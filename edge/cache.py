@@ -120,9 +120,9 @@ class Cache:
     A key may hold variants in a Redis hash (`field`), e.g. one per page size and cursor of a
     search, so the key itself stays exactly the guide's and one DEL invalidates all variants.
 
-    An L1 copy is fresh for the L1 TTL, or for L1_MAX_AGE while `watch` keeps reading the
-    invalidations every process logs in Redis (GENERATION_KEY); past that it is served once
-    more while one refresh runs, and past twice that it is gone.
+    An L1 copy is fresh for the L1 TTL, or for L1_MAX_AGE while the watch (`start_watching`)
+    keeps reading the invalidations every process logs in Redis (GENERATION_KEY); past that it
+    is served once more while one refresh runs, and past twice that it is gone.
     """
 
     # Invalidations kept in Redis for other processes: one that falls further behind drops its
@@ -234,7 +234,7 @@ class Cache:
 
     async def invalidate(self, cache: str, *keys: str) -> None:
         """Drop keys (all their variants) from L1 here and from Redis, and log them for the
-        other processes' L1 (`watch`)."""
+        other processes' L1 (`apply_invalidations`)."""
         if not keys:
             return
         self._drop_l1(keys)
