@@ -24,7 +24,7 @@
 #
 #   bash bench/play.sh                          # the full run, ~11 min
 #   DURATION=5 ROUNDS=2 SLOW_HOLD=10 bash bench/play.sh    # a quick look
-#   STEPS=3 TRACKS=200 AUDIO=1 bash bench/play.sh            # only the slow clients (~3 min)
+#   STEPS=3 TRACKS=200 AUDIO=1 bash bench/play.sh            # only the slow clients (~2 min)
 #
 # Needs wrk and nginx (Debian: apt-get update && apt-get install -y wrk nginx), psql, curl,
 # openssl, ss, taskset, `edge` on PATH (pip install -e .). Raw outputs go to $OUT (bench/out/
