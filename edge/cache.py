@@ -15,6 +15,7 @@ import contextlib
 import functools
 import hashlib
 import random
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -92,10 +93,17 @@ return 1
 # invalidation shows here sooner (within half the TTL), not later.
 GENERATION_KEY = "cache:l1:generation"
 INVALIDATED_KEY = "cache:l1:invalidated"
+# A random value set once: if it changes, Redis lost its data (and the generation with it).
+EPOCH_KEY = "cache:l1:epoch"
 L1_MAX_AGE = 60.0
-_INVALIDATED = """
+# KEYS: generation, log, then the Redis keys to delete; ARGV: log length, the writing process,
+# then what to log.
+# Deleting and logging in one script: no process can miss an invalidation that took effect.
+# One log element per generation, so trimming never keeps half of one.
+_INVALIDATE = """
+for i = 3, #KEYS do redis.call('UNLINK', KEYS[i]) end
 local generation = redis.call('INCR', KEYS[1])
-for i = 2, #ARGV do redis.call('LPUSH', KEYS[2], generation .. ' ' .. ARGV[i]) end
+redis.call('LPUSH', KEYS[2], generation .. ' ' .. table.concat(ARGV, ' ', 2))
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[1]) - 1)
 return generation
 """
@@ -137,11 +145,13 @@ class Cache:
         self.l1_size = settings.cache_l1_size
         self.jitter = settings.cache_ttl_jitter
         self.retry_seconds = settings.redis_retry_seconds
-        # slot -> (stored at, entry), least recently stored first
+        # slot -> (when its load began, entry), least recently stored first
         self._l1: OrderedDict[tuple[str, str | None], tuple[float, Entry]] = OrderedDict()
         # The invalidation generation this L1 has applied, and until when that is known to be
         # current (monotonic time; 0: not watching, copies live for the L1 TTL only).
         self._generation: int | None = None
+        self._epoch: str | None = None
+        self._origin = secrets.token_hex(4)  # this process, in the invalidation log
         self._watched_until = 0.0
         self._watch_began = 0.0
         self._watch: asyncio.Task[None] | None = None
@@ -222,14 +232,17 @@ class Cache:
         l1: bool = False,
     ) -> Entry | None:
         """Load now and overwrite the cached value (warming)."""
+        drops, began = self._drops, time.monotonic()
         body = await loader()
         if body is None:
             return None
         self.metrics.cache_loads.labels(cache).inc()
         entry = Entry(body, etag_of(body))
         await self._l2_set(key, field, body, ttl)
-        if l1:
-            self._l1_put((key, field), entry)
+        # Other processes' L1 copies of this key are now old: they drop them at their next read.
+        await self._invalidate_l2((), (key,))
+        if l1 and self._drops == drops:
+            self._l1_put((key, field), entry, began)
         return entry
 
     async def invalidate(self, cache: str, *keys: str) -> None:
@@ -239,8 +252,7 @@ class Cache:
             return
         self._drop_l1(keys)
         self.metrics.cache_invalidations.labels(cache).inc(len(keys))
-        await self._redis_call(lambda r: r.unlink(*(self.prefix + k for k in keys)))
-        await self._log_invalidation(keys)
+        await self._invalidate_l2(keys, keys)
 
     async def invalidate_track(self, track_id: int) -> None:
         await self.invalidate("track", track_key(track_id))
@@ -269,7 +281,7 @@ class Cache:
             return removed
 
         removed = await self._redis_call(scan_and_unlink)
-        await self._log_invalidation((pattern,))
+        await self._invalidate_l2((), (pattern,))
         count = removed if isinstance(removed, int) else 0
         self.metrics.cache_invalidations.labels(cache).inc(count)
         return count
@@ -308,9 +320,12 @@ class Cache:
         if self.redis is None or self.l1_ttl <= 0:
             return
         checked = time.monotonic()
+        epoch = self._epoch or secrets.token_hex(8)
 
         async def read(r: Redis) -> list[Any]:
             pipe = r.pipeline(transaction=True)
+            pipe.set(self.prefix + EPOCH_KEY, epoch, nx=True)
+            pipe.get(self.prefix + EPOCH_KEY)
             pipe.get(self.prefix + GENERATION_KEY)
             pipe.lrange(self.prefix + INVALIDATED_KEY, 0, self.LOG_LENGTH - 1)
             return await pipe.execute()
@@ -318,23 +333,33 @@ class Cache:
         got = await self._redis_call(read)
         if not isinstance(got, list):
             return
-        generation = int(got[0] or 0)
+        current_epoch, generation = got[1].decode(), int(got[2] or 0)
         seen = self._generation
         if seen is None:
-            # What was stored (or is being loaded) before the first read may predate
-            # invalidations it cannot see: that keeps the L1 TTL.
-            self._watch_began = checked
-            self._drops += 1
+            # What was loaded before the first read returned may predate invalidations it
+            # cannot see: that keeps the L1 TTL.
+            self._watch_began = time.monotonic()
+        elif current_epoch != self._epoch:
+            # Redis lost its data: whatever was invalidated since, the log cannot say.
+            self._clear_l1()
+            log.info("cache_l1_cleared", reason="redis_reset")
         elif generation != seen:
-            newer = [(int(g), what.decode()) for g, _, what in (e.partition(b" ") for e in got[1])]
-            newer = [(g, what) for g, what in newer if g > seen]
-            if generation < seen or not any(g == seen + 1 for g, _ in newer):
-                # Redis was reset, or this process fell further behind than the log reaches.
+            newer = {}
+            for element in got[3]:
+                g, origin, *what = element.decode().split(" ")
+                if int(g) > seen:
+                    # (What this process logged, it dropped or replaced itself.)
+                    newer[int(g)] = what if origin != self._origin else []
+            if len(newer) != generation - seen:
+                # This process fell further behind than the log reaches.
                 self._clear_l1()
-                log.info("cache_l1_cleared", generation=generation, seen=seen)
+                log.info("cache_l1_cleared", reason="behind", generation=generation, seen=seen)
             else:
-                exact = [w for _, w in newer if not w.endswith("*")]
-                self._drop_l1(exact, [w for _, w in newer if w.endswith("*")])
+                named = {w for ws in newer.values() for w in ws}
+                self._drop_l1(
+                    [w for w in named if not w.endswith("*")], [w for w in named if w.endswith("*")]
+                )
+        self._epoch = current_epoch
         self._generation = generation
         self._watched_until = checked + self.l1_ttl
 
@@ -343,7 +368,7 @@ class Cache:
     async def _fill(
         self, cache: str, key: str, ttl: int, loader: Loader, field: str | None, l1: bool
     ) -> Entry | None:
-        drops = self._drops
+        drops, began = self._drops, time.monotonic()
         cached = await self._l2_get(key, field)
         if cached is not None:
             self.metrics.cache_requests.labels(cache, "redis", "hit").inc()
@@ -358,7 +383,7 @@ class Cache:
             entry = Entry(body, etag_of(body))
             await self._l2_set(key, field, body, ttl)
         if l1 and self._drops == drops:
-            self._l1_put((key, field), entry)
+            self._l1_put((key, field), entry, began)
         return entry
 
     def _landed(self, slot: tuple[str, str | None], future: asyncio.Future[Entry | None]) -> None:
@@ -395,22 +420,28 @@ class Cache:
         for slot in [s for s in self._l1 if s[0] in keys or _matches_any(s[0], patterns)]:
             del self._l1[slot]
 
-    async def _log_invalidation(self, what: Iterable[str]) -> None:
+    async def _invalidate_l2(self, delete: Iterable[str], log_as: Iterable[str]) -> None:
+        """Delete keys from Redis and log `log_as` for the other processes' L1, atomically."""
+        delete = [self.prefix + k for k in delete]
         await self._redis_call(
             lambda r: r.eval(
-                _INVALIDATED,
-                2,
+                _INVALIDATE,
+                2 + len(delete),
                 self.prefix + GENERATION_KEY,
                 self.prefix + INVALIDATED_KEY,
+                *delete,
                 self.LOG_LENGTH,
-                *what,
+                self._origin,
+                *log_as,
             )
         )
 
-    def _l1_put(self, slot: tuple[str, str | None], entry: Entry) -> None:
+    def _l1_put(self, slot: tuple[str, str | None], entry: Entry, loaded: float) -> None:
+        """Keep an entry whose load (its read of Redis or PostgreSQL) began at `loaded`: its
+        age counts from then."""
         if self.l1_size <= 0 or self.l1_ttl <= 0:
             return
-        self._l1[slot] = (time.monotonic(), entry)
+        self._l1[slot] = (loaded, entry)
         self._l1.move_to_end(slot)
         while len(self._l1) > self.l1_size:
             self._l1.popitem(last=False)

@@ -261,3 +261,57 @@ async def test_l1_keeps_its_ttl_when_invalidations_are_not_read(
     await b.app[keys.CACHE].invalidate_track(track)
     age_l1(a, key, 10.5)  # idle past TTL and grace: a plain miss
     assert (await (await a.get(url)).json())["title"] == "Shoot to Spill"
+
+
+async def test_one_invalidation_of_more_keys_than_the_log_keeps_reaches_l1_whole(
+    make_client: Any, catalog: dict[str, Any]
+) -> None:
+    a = await make_client(cache_l1_ttl=600.0)
+    b = await make_client(cache_l1_ttl=600.0)
+    a_cache, b_cache = a.app[keys.CACHE], b.app[keys.CACHE]
+    a_cache.LOG_LENGTH = b_cache.LOG_LENGTH = 2
+    await a_cache.apply_invalidations()
+    track = catalog["tracks"]["shoot"]
+    assert (await a.get(f"/api/v1/tracks/{track}")).status == 200
+    assert (await a.get("/api/v1/tracks/popular")).status == 200
+    await b_cache.invalidate("track", "track:999999998", "track:999999999", f"track:{track}")
+    await a_cache.apply_invalidations()
+    assert [slot for slot, _ in a_cache._l1.items() if slot[0].startswith("track:")] == []
+    assert any(slot[0].startswith("popular-tracks:") for slot in a_cache._l1)  # not named: kept
+
+
+async def test_warming_reaches_other_processes_l1(
+    make_client: Any, catalog: dict[str, Any]
+) -> None:
+    a = await make_client(cache_l1_ttl=600.0)
+    b = await make_client(cache_l1_ttl=600.0)
+    a_cache, b_cache = a.app[keys.CACHE], b.app[keys.CACHE]
+    await a_cache.apply_invalidations()
+    assert (await a.get("/api/v1/tracks/popular")).status == 200
+    assert any(slot[0] == "popular-tracks:20" for slot in a_cache._l1)
+
+    async def load() -> bytes:
+        return b'{"items":[],"next_cursor":null}'
+
+    await b_cache.refresh("popular", "popular-tracks:20", 60, load, field="", l1=True)
+    await a_cache.apply_invalidations()
+    assert not any(slot[0] == "popular-tracks:20" for slot in a_cache._l1)
+    assert (await (await a.get("/api/v1/tracks/popular")).json())["items"] == []  # B's copy
+
+
+async def test_l1_is_dropped_when_redis_lost_its_data(
+    make_client: Any, catalog: dict[str, Any], redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    a = await make_client(cache_l1_ttl=600.0)
+    a_cache = a.app[keys.CACHE]
+    await a_cache.apply_invalidations()
+    assert (await a.get("/api/v1/tracks/popular")).status == 200
+    assert a_cache._l1
+    # As after a restart without persistence: the generation starts again, the epoch is new.
+    await redis_client.delete(
+        f"{redis_prefix}cache:l1:epoch",
+        f"{redis_prefix}cache:l1:generation",
+        f"{redis_prefix}cache:l1:invalidated",
+    )
+    await a_cache.apply_invalidations()
+    assert not a_cache._l1
