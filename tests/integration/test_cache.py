@@ -181,17 +181,25 @@ def age_l1(client: Client, key: str, seconds: float) -> None:
     assert aged == 1
 
 
+async def two_processes(make_client: Any, log_length: int | None = None) -> tuple[Any, ...]:
+    """Two Edge apps on one Redis, A having made its first read of the invalidation log. With a
+    600 s L1 TTL the watch reads once at start and not again during a test: the reads that
+    matter are the ones the test makes."""
+    a = await make_client(cache_l1_ttl=600.0)
+    b = await make_client(cache_l1_ttl=600.0)
+    a_cache, b_cache = a.app[keys.CACHE], b.app[keys.CACHE]
+    if log_length is not None:
+        a_cache.LOG_LENGTH = b_cache.LOG_LENGTH = log_length
+    await a_cache.apply_invalidations()
+    return a, b, a_cache, b_cache
+
+
 async def test_another_process_invalidation_reaches_l1_at_its_next_read(
     make_client: Any, catalog: dict[str, Any], db: Any
 ) -> None:
     """Two Edge processes on one Redis: B's invalidation is logged in Redis, and A's L1 drops
     that key (only that key) when it next reads the log, which it does every half L1 TTL."""
-    # With a 600 s TTL the watch reads once at start and not again during this test: the
-    # reads that matter are the ones the test makes.
-    a = await make_client(cache_l1_ttl=600.0)
-    b = await make_client(cache_l1_ttl=600.0)
-    a_cache = a.app[keys.CACHE]
-    await a_cache.apply_invalidations()
+    a, b, a_cache, _ = await two_processes(make_client)
     track, other = catalog["tracks"]["shoot"], catalog["tracks"]["formation"]
     url = f"/api/v1/tracks/{track}"
     assert (await (await a.get(url)).json())["title"] == "Shoot to Thrill"
@@ -211,11 +219,7 @@ async def test_another_process_invalidation_reaches_l1_at_its_next_read(
 async def test_l1_that_fell_behind_the_invalidation_log_is_dropped(
     make_client: Any, catalog: dict[str, Any]
 ) -> None:
-    a = await make_client(cache_l1_ttl=600.0)
-    b = await make_client(cache_l1_ttl=600.0)
-    a_cache, b_cache = a.app[keys.CACHE], b.app[keys.CACHE]
-    a_cache.LOG_LENGTH = b_cache.LOG_LENGTH = 2
-    await a_cache.apply_invalidations()
+    a, _, a_cache, b_cache = await two_processes(make_client, log_length=2)
     assert (await a.get("/api/v1/tracks/popular")).status == 200
     assert a_cache._l1
     for n in range(3):  # more than the log keeps, none of them A's key
@@ -266,11 +270,7 @@ async def test_l1_keeps_its_ttl_when_invalidations_are_not_read(
 async def test_one_invalidation_of_more_keys_than_the_log_keeps_reaches_l1_whole(
     make_client: Any, catalog: dict[str, Any]
 ) -> None:
-    a = await make_client(cache_l1_ttl=600.0)
-    b = await make_client(cache_l1_ttl=600.0)
-    a_cache, b_cache = a.app[keys.CACHE], b.app[keys.CACHE]
-    a_cache.LOG_LENGTH = b_cache.LOG_LENGTH = 2
-    await a_cache.apply_invalidations()
+    a, _, a_cache, b_cache = await two_processes(make_client, log_length=2)
     track = catalog["tracks"]["shoot"]
     assert (await a.get(f"/api/v1/tracks/{track}")).status == 200
     assert (await a.get("/api/v1/tracks/popular")).status == 200
@@ -283,10 +283,7 @@ async def test_one_invalidation_of_more_keys_than_the_log_keeps_reaches_l1_whole
 async def test_warming_reaches_other_processes_l1(
     make_client: Any, catalog: dict[str, Any]
 ) -> None:
-    a = await make_client(cache_l1_ttl=600.0)
-    b = await make_client(cache_l1_ttl=600.0)
-    a_cache, b_cache = a.app[keys.CACHE], b.app[keys.CACHE]
-    await a_cache.apply_invalidations()
+    a, _, a_cache, b_cache = await two_processes(make_client)
     assert (await a.get("/api/v1/tracks/popular")).status == 200
     assert any(slot[0] == "popular-tracks:20" for slot in a_cache._l1)
 
