@@ -152,6 +152,7 @@ class Cache:
         self._generation: int | None = None
         self._epoch: str | None = None
         self._origin = secrets.token_hex(4)  # this process, in the invalidation log
+        self._applying = asyncio.Lock()
         self._watched_until = 0.0
         self._watch_began = 0.0
         self._watch: asyncio.Task[None] | None = None
@@ -319,6 +320,11 @@ class Cache:
         read, L1 copies fall back to the L1 TTL when the last good read is that old."""
         if self.redis is None or self.l1_ttl <= 0:
             return
+        # One read at a time: two answers applied out of order would move the generation back.
+        async with self._applying:
+            await self._apply_invalidations()
+
+    async def _apply_invalidations(self) -> None:
         checked = time.monotonic()
         epoch = self._epoch or secrets.token_hex(8)
 
