@@ -1,5 +1,6 @@
 """structlog set up once: JSON lines in production, console output in a terminal, stdlib logs
-through the same pipeline, and a request id bound with contextvars for the whole request."""
+through the same pipeline, and the request's id (and user) on every line logged while it is
+handled (RequestContext)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,6 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     shared: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
         add_request_context,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
