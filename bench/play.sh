@@ -378,10 +378,10 @@ profile() {  # profile NAME EDGE: py-spy on that Edge during a DURATION-second r
     [[ -s $OUT/profile-$name.raw ]] && "$PY" "$PLAY/profile_top.py" "$OUT/profile-$name.raw" 60 > "$OUT/profile-$name.txt"
     return 0
 }
-if [[ $PROFILE == 1 ]] && step 1 && step 2; then
-    say "profiles: py-spy on a during redirect-local, on c during proxy-nginx"
-    profile redirect-local a
-    profile proxy-nginx c
+if [[ $PROFILE == 1 ]]; then
+    say "profiles: py-spy on a during redirect-local (step 1), on c during proxy-nginx (step 2)"
+    if step 1; then profile redirect-local a; fi
+    if step 2; then profile proxy-nginx c; fi
 fi
 
 # -- 3. slow clients ----------------------------------------------------------------------------

@@ -8,22 +8,17 @@ silent past the read timeout is 504.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from urllib.parse import quote
 
-import aiohttp
 import structlog
 
 from edge.metrics import Metrics
+from edge.origin import OriginError, OriginPool, OriginResponse
 from edge.ranges import ByteRange
 from edge.signing import SignedUrlCache
 
 log = structlog.get_logger(__name__)
-
-_CHUNK = 32 * 1024
 
 
 class UpstreamError(Exception):
@@ -34,44 +29,18 @@ class UpstreamError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """An open origin response; `chunks` yields its body."""
-
-    response: aiohttp.ClientResponse
-
-    async def chunks(self, read_timeout: float, size: int = _CHUNK) -> AsyncIterator[bytes]:
-        try:
-            while True:
-                try:
-                    # asyncio.timeout, not wait_for: no task per chunk on the hot path.
-                    async with asyncio.timeout(read_timeout):
-                        block = await self.response.content.read(size)
-                except TimeoutError:
-                    raise UpstreamError(504, "timeout", "origin went silent mid-body") from None
-                if not block:
-                    return
-                yield block
-        finally:
-            self.response.release()
-
-
 class Cdn:
     def __init__(
         self,
         base: str,
         urls: SignedUrlCache,
-        session: aiohttp.ClientSession,
+        origins: OriginPool,
         metrics: Metrics,
-        connect_timeout: float,
-        read_timeout: float,
     ) -> None:
         self.base = base.rstrip("/")  # "" means Edge's own /media (resolved per request)
         self.urls = urls
-        self.session = session
+        self.origins = origins
         self.metrics = metrics
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
 
     def signed_url(self, object_key: str, base: str | None = None) -> str:
         """The signed URL of an object. Served from the cache within an expiry window."""
@@ -97,7 +66,7 @@ class Cdn:
         *,
         size: int | None = None,
         etag: str | None = None,
-    ) -> Upstream:
+    ) -> OriginResponse:
         """Open a GET for the object (or one byte range of it). `size` and `etag` are what the
         catalog knows: an origin holding another version of the object is refused, so bytes of
         two versions are never spliced into one response."""
@@ -107,48 +76,36 @@ class Cdn:
         for attempt in (1, 2):
             started = time.perf_counter()
             try:
-                response = await self.session.get(
-                    url,
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(
-                        total=None, connect=self.connect_timeout, sock_read=self.read_timeout
-                    ),
-                    allow_redirects=False,
-                    auto_decompress=False,
-                )
-            except aiohttp.ClientConnectorError as exc:
-                self.metrics.upstream_errors.labels("cdn", "connect").inc()
-                if attempt == 1:
-                    log.warning("upstream_retry", error=str(exc))
-                    continue
-                raise UpstreamError(502, "connect", f"origin unreachable: {exc}") from None
-            except (TimeoutError, aiohttp.ServerTimeoutError):
-                self.metrics.upstream_errors.labels("cdn", "timeout").inc()
-                raise UpstreamError(504, "timeout", "origin did not answer in time") from None
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                # aiohttp itself already retried this GET once on a dropped connection.
-                self.metrics.upstream_errors.labels("cdn", "connect").inc()
-                raise UpstreamError(
-                    502, "connect", f"origin dropped the connection: {exc}"
-                ) from None
-            except aiohttp.ClientError as exc:
-                self.metrics.upstream_errors.labels("cdn", "protocol").inc()
+                # The retry never reuses a pooled connection: it may be the one that failed.
+                response = await self.origins.get(url, headers, fresh=attempt > 1)
+            except OriginError as exc:
+                kind = exc.kind if exc.kind in ("connect", "timeout") else "protocol"
+                self.metrics.upstream_errors.labels("cdn", kind).inc()
+                if kind == "connect":
+                    if attempt == 1:
+                        log.warning("upstream_retry", error=exc.message)
+                        continue
+                    raise UpstreamError(502, "connect", f"origin unreachable: {exc}") from None
+                if kind == "timeout":
+                    raise UpstreamError(
+                        504, "timeout", f"origin did not answer in time: {exc}"
+                    ) from None
                 raise UpstreamError(502, "protocol", f"origin error: {exc}") from None
             self.metrics.upstream_duration.labels(f"{response.status // 100}xx").observe(
                 time.perf_counter() - started
             )
             problem = self._problem(response, expected, part, size, etag)
             if problem is not None:
-                response.release()
+                response.close()
                 self.metrics.upstream_errors.labels("cdn", "status").inc()
                 log.error("upstream_inconsistent", key=object_key, problem=problem)
                 raise UpstreamError(502, "status", f"origin answer refused: {problem}")
-            return Upstream(response)
+            return response
         raise AssertionError("unreachable")
 
     @staticmethod
     def _problem(
-        response: aiohttp.ClientResponse,
+        response: OriginResponse,
         expected: int,
         part: ByteRange | None,
         size: int | None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import aiohttp
 import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
@@ -29,7 +28,6 @@ VERIFIER = web.AppKey("verifier", Verifier)
 SESSIONS = web.AppKey("sessions", Sessions)
 CDN = web.AppKey("cdn", Cdn)
 LOCAL_SIGNER = web.AppKey("local_signer", LocalSigner)
-HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 BACKGROUND = web.AppKey("background", Background)
 SESSION_SECRET = web.AppKey("session_secret", bytes)
 ALERTS = web.AppKey("alerts", Alerts)

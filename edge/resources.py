@@ -8,11 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import socket
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
-import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 import structlog
@@ -25,6 +22,7 @@ from edge.cache import Cache
 from edge.cdn import Cdn
 from edge.embedded import embedded_postgres, embedded_redis
 from edge.migrations import migrate
+from edge.origin import OriginPool
 from edge.sessions import Sessions
 from edge.settings import Settings
 from edge.signing import CloudFrontSigner, LocalSigner, SignedUrlCache, Signer
@@ -70,20 +68,6 @@ async def prepare_schema(settings: Settings, database_url: str) -> None:
             await seed_demo_if_empty(conn, settings.media_root)
     finally:
         await conn.close()
-
-
-def _upstream_socket(receive_buffer: int) -> Callable[[tuple[Any, ...]], socket.socket]:
-    """Origin connections with a fixed kernel receive buffer. Linux grows it to megabytes when
-    left alone, and whatever it holds arrives in this process in one read, past aiohttp's own
-    read-ahead: for a thousand slow players that was most of Edge's memory."""
-
-    def make(addr_info: tuple[Any, ...]) -> socket.socket:
-        family, kind, proto, _, _ = addr_info
-        sock = socket.socket(family=family, type=kind, proto=proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        return sock
-
-    return make
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -159,33 +143,19 @@ async def streaming_ctx(app: web.Application) -> AsyncIterator[None]:
         app[keys.REDIS], settings.redis_key_prefix, app[keys.METRICS].session_choices_lost
     )
     app[keys.BACKGROUND] = Background()
-    # A proxied stream holds its upstream connection for its whole length: the pool is sized
-    # for streams, not requests (waiting for a free connection would count against the
-    # connect timeout and turn into 504s). Idle connections are dropped well before the read
-    # timeout, so a reused connection never carries a stale read timer.
-    connector = aiohttp.TCPConnector(
-        socket_factory=_upstream_socket(settings.upstream_buffer),
+    # A proxied stream holds its origin connection for its whole length: the pool is sized for
+    # streams, not requests.
+    origins = OriginPool(
         limit=settings.upstream_connections,
-        limit_per_host=settings.upstream_connections,
-        keepalive_timeout=max(1.0, min(30.0, settings.upstream_read_timeout / 2)),
+        connect_timeout=settings.upstream_connect_timeout,
+        read_timeout=settings.upstream_read_timeout,
+        read_size=settings.upstream_buffer,
+        keepalive=max(1.0, min(30.0, settings.upstream_read_timeout / 2)),
     )
-    async with aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        # Small read-ahead per stream: memory per slow player stays bounded and small.
-        read_bufsize=16 * 1024,
-    ) as client:
-        app[keys.HTTP_CLIENT] = client
-        app[keys.CDN] = Cdn(
-            settings.cdn_base,
-            urls,
-            client,
-            app[keys.METRICS],
-            settings.upstream_connect_timeout,
-            settings.upstream_read_timeout,
-        )
-        try:
-            yield
-        finally:
-            await app[keys.BACKGROUND].drain()
-            await app[keys.SESSIONS].drain()
+    app[keys.CDN] = Cdn(settings.cdn_base, urls, origins, app[keys.METRICS])
+    try:
+        yield
+    finally:
+        await app[keys.BACKGROUND].drain()
+        await app[keys.SESSIONS].drain()
+        await origins.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -24,7 +25,17 @@ from edge.ranges import (
     multipart_trailer,
 )
 
-Source = Callable[[ByteRange | None], AsyncIterator[bytes]]
+
+class Pipe(Protocol):
+    """A body that writes itself into a sink (edge.origin.Sink) as the sink takes it, without a
+    coroutine step per chunk: proxy mode's origin responses."""
+
+    async def pipe(self, sink: ClientSink, expected: int) -> int: ...
+
+
+# A source gives the body of the whole representation (None) or of one range: chunks to write,
+# or a Pipe.
+Source = Callable[[ByteRange | None], AsyncIterator[bytes] | Pipe]
 
 # Bytes a slow client may have queued in this process (beyond the chunk being written) before
 # the next read from the source waits for it.
@@ -38,6 +49,31 @@ class SourceFailed(Exception):
         super().__init__(reason)
         self.sent = sent
         self.reason = reason
+
+
+class ClientSink:
+    """The client's connection as a pipe's sink: bytes go to the transport at once, and the
+    pipe stops reading its source while the client's unsent bytes are over the transport's
+    high-water mark."""
+
+    __slots__ = ("protocol", "transport", "writer", "written")
+
+    def __init__(self, request: web.Request, writer: AbstractStreamWriter) -> None:
+        self.protocol = request.protocol
+        self.transport = request.transport
+        self.writer = writer
+        self.written = 0
+
+    def write(self, data: bytes) -> bool:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        transport.write(data)
+        self.written += len(data)
+        return not self.protocol.writing_paused
+
+    async def drain(self) -> None:
+        await self.writer.drain()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +134,12 @@ async def send(
             # of them (the default allows 64 KiB beyond the chunk being written).
             request.transport.set_write_buffer_limits(high=CLIENT_WRITE_BUFFER)
         writer = request.writer
+        sink = ClientSink(request, writer)
         if decision.status == 200:
-            sent += await _pump(response, writer, source(None), rep.size, sent)
+            sent += await _pump(response, writer, source(None), rep.size, sent, sink)
         elif boundary is None:
             sent += await _pump(
-                response, writer, source(decision.ranges[0]), decision.ranges[0].length, sent
+                response, writer, source(decision.ranges[0]), decision.ranges[0].length, sent, sink
             )
         else:
             for header, part in multipart_parts(
@@ -110,7 +147,7 @@ async def send(
             ):
                 await response.write(header)
                 sent += len(header)
-                sent += await _pump(response, writer, source(part), part.length, sent)
+                sent += await _pump(response, writer, source(part), part.length, sent, sink)
             trailer = multipart_trailer(boundary)
             await response.write(trailer)
             sent += len(trailer)
@@ -126,10 +163,13 @@ async def send(
 async def _pump(
     response: web.StreamResponse,
     writer: AbstractStreamWriter,
-    chunks: AsyncIterator[bytes],
+    chunks: AsyncIterator[bytes] | Pipe,
     expected: int,
     sent_before: int,
+    sink: ClientSink,
 ) -> int:
+    if not isinstance(chunks, AsyncIterator):
+        return await _pipe(writer, chunks, expected, sent_before, sink)
     got = 0
     try:
         async for chunk in chunks:
@@ -152,6 +192,31 @@ async def _pump(
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
+    if got < expected:
+        raise SourceFailed(sent_before + got, f"source ended after {got} of {expected} bytes")
+    return got
+
+
+async def _pipe(
+    writer: AbstractStreamWriter,
+    body: Pipe,
+    expected: int,
+    sent_before: int,
+    sink: ClientSink,
+) -> int:
+    # The pipe writes to the transport itself: the status line and headers go first.
+    writer.send_headers()
+    before = sink.written
+    try:
+        await body.pipe(sink, expected)
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        raise
+    except Exception as exc:
+        got = sink.written - before
+        raise SourceFailed(sent_before + got, f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        writer.output_size += sink.written - before  # what aiohttp reports as the body's length
+    got = sink.written - before
     if got < expected:
         raise SourceFailed(sent_before + got, f"source ended after {got} of {expected} bytes")
     return got

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
@@ -20,8 +20,9 @@ from redis.exceptions import RedisError
 from edge import auth, keys, quality
 from edge import cache as ck
 from edge.catalog import Catalog
-from edge.cdn import Upstream, UpstreamError
+from edge.cdn import Cdn, UpstreamError
 from edge.errors import ApiError, bad_request, not_found
+from edge.origin import OriginResponse, Sink
 from edge.ranges import ByteRange, resolve
 from edge.sessions import SessionError, SessionState, device_session_id, valid_session_id
 from edge.streaming import Representation, head_response, send
@@ -373,7 +374,7 @@ async def _proxy(
     key = rendition["object_key"]
     first_part = decision.ranges[0] if decision.status == 206 else None
     try:
-        first: Upstream | None = await cdn.fetch(
+        first: OriginResponse | None = await cdn.fetch(
             key, first_part, base, size=rep.size, etag=rep.etag
         )
     except UpstreamError as exc:
@@ -381,18 +382,14 @@ async def _proxy(
         raise ApiError(exc.status, f"upstream_{exc.kind}", exc.message) from None
     metrics.time_to_first_byte.observe(time.perf_counter() - started)
 
-    async def source(part: ByteRange | None) -> AsyncIterator[bytes]:
+    def source(part: ByteRange | None) -> OriginResponse | _LaterPart:
+        # The first part was fetched above (its failure is still a clean 502/504); the parts of
+        # a multipart answer after it are fetched as their turn comes.
         nonlocal first
-        upstream = (
-            first
-            if first is not None
-            else await cdn.fetch(key, part, base, size=rep.size, etag=rep.etag)
-        )
-        first = None
-        async for chunk in upstream.chunks(
-            settings.upstream_read_timeout, settings.upstream_buffer
-        ):
-            yield chunk
+        if first is not None:
+            response, first = first, None
+            return response
+        return _LaterPart(cdn, key, part, base, rep)
 
     transfer_started = time.perf_counter()
     try:
@@ -403,10 +400,10 @@ async def _proxy(
         metrics.client_disconnects.labels("play").inc()
         log.debug("client_gone", route="play")
         if first is not None:
-            first.response.release()
+            first.close()
         raise
     if first is not None:
-        first.response.release()
+        first.close()
     elapsed = time.perf_counter() - transfer_started
     metrics.bytes_streamed.labels("proxy", rendition["format"]).inc(sent.bytes)
     if sent.outcome == "client_gone":
@@ -429,6 +426,21 @@ async def _proxy(
         if from_start and sent.bytes >= threshold and state.counted_track != track.id:
             background(app, count_play(app, state, track.id, rendition, "bytes"))
     return sent.response
+
+
+class _LaterPart:
+    """A later part of a multipart answer: fetched from the origin when it is piped."""
+
+    def __init__(
+        self, cdn: Cdn, key: str, part: ByteRange | None, base: str | None, rep: Representation
+    ) -> None:
+        self.cdn, self.key, self.part, self.base, self.rep = cdn, key, part, base, rep
+
+    async def pipe(self, sink: Sink, expected: int) -> int:
+        response = await self.cdn.fetch(
+            self.key, self.part, self.base, size=self.rep.size, etag=self.rep.etag
+        )
+        return await response.pipe(sink, expected)
 
 
 async def count_play(
