@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 from aiohttp import web
@@ -82,32 +82,46 @@ def _safe_path(request: web.Request, root: Path) -> Path:
 def _file_chunks(path: Path) -> Source:
     async def read(part: ByteRange | None) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
-        opening = loop.run_in_executor(None, path.open, "rb")
+        start, remaining = (0, -1) if part is None else (part.start, part.length)
+        size = _CHUNK if remaining < 0 else min(_CHUNK, remaining)
+        # Open, seek and the first read in one trip to a worker thread: with a thousand players
+        # starting at once, each trip waits in the executor's queue.
+        opening = loop.run_in_executor(None, _open_at, path, start, size)
         try:
-            f = await asyncio.shield(opening)
+            f, block = await asyncio.shield(opening)
         except asyncio.CancelledError:
             # The open goes on in its thread: close what it opens.
             opening.add_done_callback(_close_opened)
             raise
         try:
-            start, remaining = (0, -1) if part is None else (part.start, part.length)
-            await loop.run_in_executor(None, f.seek, start)
-            while remaining != 0:
-                size = _CHUNK if remaining < 0 else min(_CHUNK, remaining)
-                block = await loop.run_in_executor(None, f.read, size)
+            while True:
                 if not block:
                     return
                 remaining -= len(block) if remaining > 0 else 0
                 yield block
+                if remaining == 0:
+                    return
+                size = _CHUNK if remaining < 0 else min(_CHUNK, remaining)
+                block = await loop.run_in_executor(None, f.read, size)
         finally:
             f.close()  # closing a read-only file does not block
 
     return read
 
 
+def _open_at(path: Path, start: int, size: int) -> tuple[BinaryIO, bytes]:
+    f = path.open("rb")
+    try:
+        f.seek(start)
+        return f, f.read(size)
+    except BaseException:
+        f.close()
+        raise
+
+
 def _close_opened(done: asyncio.Future[Any]) -> None:
     if not done.cancelled() and done.exception() is None:
-        done.result().close()
+        done.result()[0].close()
 
 
 @routes.route("GET", "/media/{key:.+}", name="media")
