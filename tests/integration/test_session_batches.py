@@ -8,10 +8,10 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from edge.embedded import free_port
-from edge.sessions import MAX_PENDING_CALLS, SessionError, Sessions, SessionState
+from edge.sessions import MAX_PENDING_CALLS, ScriptBatch, SessionError, Sessions, SessionState
 
 
 def lost_counter() -> Counter:
@@ -151,3 +151,30 @@ async def test_a_batch_cancelled_before_it_ran_leaves_nobody_waiting(
     task.cancel()  # what a shutdown does to it
     with pytest.raises(asyncio.CancelledError):
         await waiter
+
+
+async def test_packed_arguments_reach_redis_as_redis_py_sends_them(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The batch packs its commands itself: text (any script), integers and floats arrive as
+    they would through redis-py, a call whose script fails gets its own error, and the
+    connection stays in step for the calls after it."""
+    echo = "if ARGV[1] == 'fail' then return redis.error_reply('ERR asked to') end return ARGV"
+    batch = ScriptBatch(redis_client, echo)
+    await redis_client.script_load(echo)
+    cases: list[tuple[str | int | float, ...]] = [
+        ("Dvořák — 東京", 0, -17, 2**62, 0.1, 1e-7, ""),
+        ("fail",),
+        ("x" * 70_000, 3),
+    ]
+    answers = [batch.call([], args) for args in cases]
+    results = await asyncio.gather(*(a for a in answers if a is not None), return_exceptions=True)
+    direct = await redis_client.evalsha(batch.sha, 0, *cases[0])
+    assert results[0] == direct
+    assert results[0][:2] == ["Dvořák — 東京".encode(), b"0"]
+    assert isinstance(results[1], ResponseError) and "asked to" in str(results[1])
+    assert results[2] == [b"x" * 70_000, b"3"]
+    assert batch.batches == 1
+    # The same pooled connection answers the next batch correctly.
+    again = batch.call(["k"], ("after",))
+    assert again is not None and await again == [b"after"]
