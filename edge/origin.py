@@ -17,6 +17,7 @@ body was read to its end.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections import deque
@@ -27,6 +28,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 MAX_HEAD = 64 * 1024  # status line and headers of one response
+_DECIMAL = re.compile(r"[0-9]{1,18}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
 class OriginError(Exception):
@@ -53,13 +56,14 @@ class _Chunked:
     """Decoder of a chunked body (RFC 9112 §7.1): data slices out of each read, trailers
     skipped."""
 
-    __slots__ = ("done", "failed", "left", "line", "state")
+    __slots__ = ("done", "extra", "failed", "left", "line", "state")
 
     def __init__(self) -> None:
         self.state = "size"  # size | data | data_crlf | trailer
         self.left = 0
         self.line = bytearray()
         self.done = False
+        self.extra = False  # bytes came after the end of the body
         self.failed: OriginError | None = None
 
     def feed(self, view: memoryview) -> list[memoryview]:
@@ -103,15 +107,14 @@ class _Chunked:
                 self.state = "size"
             elif self.state == "size":
                 size_text = line.split(b";", 1)[0].strip()
-                try:
-                    self.left = int(size_text, 16)
-                except ValueError:
-                    raise OriginError("protocol", f"chunked body: bad size {size_text!r}") from None
-                if self.left < 0:
-                    raise OriginError("protocol", "chunked body: negative size")
+                if not _HEX.fullmatch(size_text):
+                    raise OriginError("protocol", f"chunked body: bad size {size_text[:40]!r}")
+                self.left = int(size_text, 16)
                 self.state = "data" if self.left else "trailer"
             elif not line:  # the empty line that ends the trailers
                 self.done = True
+        if self.done and i < n:
+            self.extra = True
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -192,12 +195,18 @@ class _Connection(asyncio.BufferedProtocol):
             else:
                 reason = f": {exc}" if exc else ""
                 self._fail(OriginError("connect", f"origin closed the connection{reason}"))
-        elif self.phase in ("body", "held"):
-            if self.remaining < 0 and self.chunked is None and self.error is None:
-                self._finish()  # a body framed by the end of the connection
-            else:
-                self._fail(OriginError("closed", "origin closed the connection mid-body"))
+        elif self.phase == "body":
+            self._body_ended()
+        # (While held, the end is taken into account once the body has somewhere to go: a TLS
+        # transport may report it though reading is paused, and `pending` may hold it all.)
         self._wake()
+
+    def _body_ended(self) -> None:
+        """The origin closed the connection during the body."""
+        if self.remaining < 0 and self.chunked is None and self.error is None:
+            self._finish()  # a body framed by the end of the connection
+        else:
+            self._fail(OriginError("closed", "origin closed the connection mid-body"))
 
     # -- the head --------------------------------------------------------------------------------
 
@@ -214,7 +223,15 @@ class _Connection(asyncio.BufferedProtocol):
         except OriginError as exc:
             self._fail(exc)
             return
-        self.pending = bytes(self.head[end + 4 :])
+        rest = self.head[end + 4 :]
+        if 100 <= self.status < 200:
+            # An interim answer (103 Early Hints, 100 Continue): the final one follows.
+            self.head = bytearray()
+            self.remaining, self.chunked, self.status = -1, None, 0
+            if rest:
+                self._head_bytes(memoryview(rest))
+            return
+        self.pending = bytes(rest)
         self.head = bytearray()
         self.phase = "held"
         self._cancel_timer()
@@ -237,16 +254,33 @@ class _Connection(asyncio.BufferedProtocol):
         self.headers = CIMultiDictProxy(headers)
         connection = headers.get("Connection", "").lower()
         self.reusable = parts[0] == b"HTTP/1.1" and "close" not in connection
-        if "chunked" in headers.get("Transfer-Encoding", "").lower():
-            self.chunked = _Chunked()
+        if self.status == 101:
+            raise OriginError("protocol", "origin switched protocols")
+        if 100 <= self.status < 200:
+            return  # interim: no body
+        codings = [
+            c.strip().lower()
+            for value in headers.getall("Transfer-Encoding", [])
+            for c in value.split(",")
+            if c.strip()
+        ]
+        if codings:
+            # RFC 9112 §6.1, §6.3: chunked last frames the body, anything else ends with the
+            # connection; a Content-Length beside it is ignored, and the connection not reused.
+            if "Content-Length" in headers:
+                self.reusable = False
+            if codings[-1] == "chunked":
+                self.chunked = _Chunked()
+            else:
+                self.reusable = False
         elif "Content-Length" in headers:
-            length = headers["Content-Length"]
-            if not length.isdigit() or len(headers.getall("Content-Length")) > 1:
-                raise OriginError("protocol", f"bad Content-Length {length!r}")
-            self.remaining = int(length)
+            lengths = headers.getall("Content-Length")
+            if len(lengths) > 1 or not _DECIMAL.fullmatch(lengths[0]):
+                raise OriginError("protocol", f"bad Content-Length {lengths[0]!r}")
+            self.remaining = int(lengths[0])
         else:
             self.reusable = False  # the body ends with the connection
-        if self.status in (204, 304) or 100 <= self.status < 200:
+        if self.status in (204, 304):
             self.remaining = 0
             self.chunked = None
 
@@ -260,16 +294,20 @@ class _Connection(asyncio.BufferedProtocol):
         pending, self.pending = self.pending, b""
         if pending:
             self._deliver(memoryview(pending))
-        if self.phase == "body" and self.remaining == 0:
+        if self.phase != "body":
+            return
+        if self.remaining == 0:
             self._finish()
-        if self.phase == "body" and not self.sink_full:
+        elif self.lost:
+            self._body_ended()
+        elif not self.sink_full:
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def resume(self) -> None:
         """The sink drained: read from the origin again."""
         self.sink_full = False
         self.last_read = self.loop.time()  # the wait was the player's, not the origin's
-        if self.phase == "body" and self.transport is not None:
+        if self.phase == "body" and self.transport is not None and not self.lost:
             self.transport.resume_reading()
 
     def _deliver(self, view: memoryview) -> None:
@@ -281,6 +319,8 @@ class _Connection(asyncio.BufferedProtocol):
             if self.chunked.failed is not None:
                 self._fail(self.chunked.failed)
             elif self.chunked.done:
+                if self.chunked.extra:
+                    self.reusable = False  # out of step: those bytes answer nothing we asked
                 self._finish()
             return
         if self.remaining >= 0:
@@ -399,8 +439,8 @@ class OriginResponse:
         origin went silent or broke the framing."""
         conn = self._conn
         assert conn is not None, "body already piped"
-        conn.start_body(sink, expected)
         try:
+            conn.start_body(sink, expected)
             while conn.phase == "body":
                 if conn.sink_full:
                     await sink.drain()
@@ -422,7 +462,9 @@ class OriginResponse:
 
 
 class OriginPool:
-    """Keep-alive connections per origin (scheme, host, port), at most `limit` open."""
+    """Keep-alive connections per origin (scheme, host, port). At most `limit` requests are in
+    flight at once (a stream holds its slot for its length); idle connections are closed when
+    the origin closes them or, once past `keepalive`, when their origin is next used."""
 
     def __init__(
         self,
@@ -481,7 +523,8 @@ class OriginPool:
             conn.reset()
             conn.phase = "head"
             default_port = 443 if scheme == "https" else 80
-            host_header = host if port == default_port else f"{host}:{port}"
+            name = f"[{host}]" if ":" in host else host  # an IPv6 address
+            host_header = name if port == default_port else f"{name}:{port}"
             lines = [f"GET {target.raw_path_qs} HTTP/1.1", f"Host: {host_header}"]
             lines += [f"{k}: {v}" for k, v in headers.items()]
             lines.append(f"User-Agent: {self.user_agent}")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from edge.cache import TTL_SESSION, session_key
@@ -261,7 +262,12 @@ class ScriptBatch:
 
     async def _execute(self, calls: list[_Call]) -> list[Any]:
         for attempt in (1, 2):
-            results = await self._round_trip(calls)
+            try:
+                results = await self._round_trip(calls)
+            except RedisConnectionError:
+                if attempt == 2:
+                    raise
+                continue  # a pooled connection Redis had closed: once more, on a new one
             if attempt == 2 or not any(isinstance(r, NoScriptError) for r in results):
                 break
             await self.redis.script_load(self.script)
@@ -271,7 +277,7 @@ class ScriptBatch:
         pool = self.redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(self._pack(calls), check_health=False)
+            await conn.send_packed_command(self._pack(calls))
             results: list[Any] = []
             for _ in calls:
                 try:

@@ -28,9 +28,11 @@ from edge.ranges import (
 
 class Pipe(Protocol):
     """A body that writes itself into a sink (edge.origin.Sink) as the sink takes it, without a
-    coroutine step per chunk: proxy mode's origin responses."""
+    coroutine step per chunk: proxy mode's origin responses. `close` lets go of it unread."""
 
     async def pipe(self, sink: ClientSink, expected: int) -> int: ...
+
+    def close(self) -> None: ...
 
 
 # A source gives the body of the whole representation (None) or of one range: chunks to write,
@@ -204,9 +206,13 @@ async def _pipe(
     sent_before: int,
     sink: ClientSink,
 ) -> int:
-    # The pipe writes to the transport itself: the status line and headers go first.
-    writer.send_headers()
     before = sink.written
+    try:
+        # The pipe writes to the transport itself: the status line and headers go first.
+        writer.send_headers()
+    except BaseException:
+        body.close()  # (the player is gone already)
+        raise
     try:
         await body.pipe(sink, expected)
     except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):

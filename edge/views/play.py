@@ -395,15 +395,14 @@ async def _proxy(
     try:
         sent = await send(request, decision, rep, source, headers)
     except asyncio.CancelledError:
-        # The client went away and aiohttp cancelled the handler: upstream is closed by the
-        # generator's cleanup; count it like any disconnect.
+        # The client went away and aiohttp cancelled the handler (the pipe closed its origin
+        # response): count it like any disconnect.
         metrics.client_disconnects.labels("play").inc()
         log.debug("client_gone", route="play")
-        if first is not None:
-            first.close()
         raise
-    if first is not None:
-        first.close()
+    finally:
+        if first is not None:  # never piped: the response failed before its body
+            first.close()
     elapsed = time.perf_counter() - transfer_started
     metrics.bytes_streamed.labels("proxy", rendition["format"]).inc(sent.bytes)
     if sent.outcome == "client_gone":
@@ -441,6 +440,9 @@ class _LaterPart:
             self.key, self.part, self.base, size=self.rep.size, etag=self.rep.etag
         )
         return await response.pipe(sink, expected)
+
+    def close(self) -> None:
+        pass  # nothing fetched yet
 
 
 async def count_play(

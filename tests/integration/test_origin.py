@@ -109,7 +109,9 @@ def file_app(connections: list[object]) -> web.Application:
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def raw_origin(behave: Behaviour) -> tuple[asyncio.Server, str]:
+async def raw_origin(
+    behave: Behaviour, tls: ssl.SSLContext | None = None
+) -> tuple[asyncio.Server, str]:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await behave(reader, writer)
@@ -118,9 +120,26 @@ async def raw_origin(behave: Behaviour) -> tuple[asyncio.Server, str]:
         finally:
             writer.transport.abort()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}"
+    return server, f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"
+
+
+def answering(*writes: bytes, close: bool = False) -> Behaviour:
+    """An origin that reads one request and writes these answers (then closes, or waits for
+    Edge to)."""
+
+    async def behave(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        for data in writes:
+            w.write(data)
+            await w.drain()
+        if close:
+            w.close()
+        else:
+            await reader.read()
+
+    return behave
 
 
 def test_bodies_arrive_exactly_and_connections_are_reused(run: Any) -> None:
@@ -298,21 +317,27 @@ def test_an_idle_connection_the_origin_closed_is_not_used(run: Any) -> None:
         (b"SPDY/3 200 OK\r\n\r\n", "protocol"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", "protocol"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "protocol"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xc2\xb2\r\n\r\n", "protocol"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n", "protocol"),
         (b"HTTP/1.1 200 OK\r\n folded: header\r\n\r\n", "protocol"),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", "protocol"),
         (b"HTTP/1.1 200 OK\r\nContent-Le", "protocol"),  # closed mid-head
     ],
-    ids=["closed", "not-http", "two-lengths", "bad-length", "folded", "huge-head", "mid-head"],
+    ids=[
+        "closed",
+        "not-http",
+        "two-lengths",
+        "bad-length",
+        "superscript-length",
+        "switching",
+        "folded",
+        "huge-head",
+        "mid-head",
+    ],
 )
 def test_broken_answers_are_origin_errors(run: Any, answer: bytes, kind: str) -> None:
     async def main() -> None:
-        async def behave(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            w.write(answer)
-            await w.drain()
-            w.close()
-
-        server, base = await raw_origin(behave)
+        server, base = await raw_origin(answering(answer, close=True))
         async with server:
             origins = pool()
             with pytest.raises(OriginError) as caught:
@@ -326,13 +351,9 @@ def test_broken_answers_are_origin_errors(run: Any, answer: bytes, kind: str) ->
 
 def test_a_broken_chunked_body_fails_the_pipe(run: Any) -> None:
     async def main() -> None:
-        async def behave(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX")
-            await w.drain()
-            await reader.read()
-
-        server, base = await raw_origin(behave)
+        server, base = await raw_origin(
+            answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX")
+        )
         async with server:
             origins = pool()
             response = await origins.get(base + "/x", {})
@@ -446,5 +467,128 @@ def test_tls_origins(run: Any, tmp_path: Path) -> None:
             await untrusting.close()
         finally:
             await runner.cleanup()
+
+    run(main())
+
+
+@pytest.mark.parametrize("framing", ["length", "connection"])
+def test_a_tls_origin_closing_before_the_body_is_piped_still_gives_it_whole(
+    run: Any, tmp_path: Path, framing: str
+) -> None:
+    """Over TLS the end of the connection can arrive while the response waits for its player
+    (reading paused): the bytes that came before it are the body, not a failure."""
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    payload = BODY[:3000]
+
+    async def main() -> None:
+        async def behave(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            if framing == "length":
+                head = b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\nConnection: close\r\n\r\n"
+            else:
+                head = b"HTTP/1.0 200 OK\r\n\r\n"
+            w.write(head + payload)
+            await w.drain()
+            w.close()
+            await w.wait_closed()
+
+        server, base = await raw_origin(behave, server_ctx)
+        async with server:
+            origins = pool(limit=1, ssl_context=ssl.create_default_context(cafile=str(cert)))
+            for _ in range(3):  # and the one slot comes back each time
+                response = await origins.get(base + "/x", {})
+                conn = response._conn
+                assert conn is not None
+                await eventually(lambda c=conn: c.lost)  # type: ignore[misc]
+                sink = Collect()
+                assert await response.pipe(sink, len(payload)) == len(payload)
+                assert bytes(sink.data) == payload
+            await origins.close()
+
+    run(main())
+
+
+def test_interim_answers_are_skipped(run: Any) -> None:
+    async def main() -> None:
+        server, base = await raw_origin(
+            answering(
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n",
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 206 Partial Content\r\n",
+                b"Content-Range: bytes 0-4/10\r\nContent-Length: 5\r\n\r\nhello",
+            )
+        )
+        async with server:
+            origins = pool()
+            response = await origins.get(base + "/x", {"Range": "bytes=0-4"})
+            assert response.status == 206
+            assert response.headers["Content-Range"] == "bytes 0-4/10"
+            assert "Link" not in response.headers
+            sink = Collect()
+            assert await response.pipe(sink, 5) == 5 and bytes(sink.data) == b"hello"
+            await origins.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "want", "reused"),
+    [
+        # bytes after the last chunk: the connection is out of step
+        (b"Transfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\nJUNK", b"hello", False),
+        # codings in two header lines, chunked last: chunked framing
+        (
+            b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked",
+            b"2\r\nhi\r\n0\r\n\r\n",
+            b"hi",
+            True,
+        ),
+        # Content-Length beside Transfer-Encoding: ignored, and the connection not reused
+        (
+            b"Content-Length: 99\r\nTransfer-Encoding: chunked",
+            b"2\r\nhi\r\n0\r\n\r\n",
+            b"hi",
+            False,
+        ),
+    ],
+    ids=["after-the-end", "two-te-lines", "te-and-length"],
+)
+def test_transfer_codings_frame_the_body(
+    run: Any, head: bytes, body: bytes, want: bytes, reused: bool
+) -> None:
+    async def main() -> None:
+        server, base = await raw_origin(
+            answering(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n" + body)
+        )
+        async with server:
+            origins = pool()
+            response = await origins.get(base + "/x", {})
+            sink = Collect()
+            assert await response.pipe(sink, 100) == len(want)
+            assert bytes(sink.data) == want
+            assert (
+                bool(origins._idle.get(("http", "127.0.0.1", server.sockets[0].getsockname()[1])))
+                is reused
+            )
+            await origins.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("size", [b"0x10", b"+5", b"1_0", b"-1", b"\xb2"])
+def test_chunk_sizes_are_strict_hex(run: Any, size: bytes) -> None:
+    async def main() -> None:
+        server, base = await raw_origin(
+            answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\n")
+        )
+        async with server:
+            origins = pool(limit=1)
+            response = await origins.get(base + "/x", {})
+            with pytest.raises(OriginError) as caught:
+                await response.pipe(Collect(), 100)
+            assert caught.value.kind == "protocol"
+            assert not origins._open
+            await origins.close()
 
     run(main())

@@ -4,6 +4,7 @@ pipeline, each caller gets its own answer (real Redis)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 import redis.asyncio as aioredis
@@ -12,6 +13,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from edge.embedded import free_port
 from edge.sessions import MAX_PENDING_CALLS, ScriptBatch, SessionError, Sessions, SessionState
+from tests.conftest import Servers
 
 
 def lost_counter() -> Counter:
@@ -178,3 +180,25 @@ async def test_packed_arguments_reach_redis_as_redis_py_sends_them(
     # The same pooled connection answers the next batch correctly.
     again = batch.call(["k"], ("after",))
     assert again is not None and await again == [b"after"]
+
+
+async def test_a_pooled_connection_redis_closed_is_replaced(
+    redis_client: aioredis.Redis, servers: Servers
+) -> None:
+    """Redis may close an idle client (its `timeout`, a restart, CLIENT KILL): the next batch
+    goes out on a new connection instead of failing its players."""
+    name = f"edge-batch-{uuid.uuid4().hex[:8]}"
+    own = aioredis.Redis.from_url(servers.redis_url, client_name=name)
+    try:
+        batch = ScriptBatch(own, "return ARGV[1]")
+        await own.script_load(batch.script)
+        first = batch.call([], ("one",))
+        assert first is not None and await first == b"one"
+        clients = await redis_client.client_list()
+        (victim,) = [c for c in clients if c.get("name") == name]
+        assert await redis_client.client_kill_filter(_id=victim["id"]) == 1
+        second = batch.call([], ("two",))
+        assert second is not None and await second == b"two"
+        assert batch.batches == 2
+    finally:
+        await own.aclose()
