@@ -21,6 +21,9 @@
 #    Edge's RSS before and while connected; concurrency checked (in-flight gauge, ss).
 # 4. /metrics scrape time before and with $SESSIONS active sessions (on a).
 # Then py-spy profiles of a redirect run and a proxy run (PROFILE=1, if py-spy is installed).
+# With BASELINE=/path/to/another/checkout, a fourth server d runs that checkout's edge (same
+# settings as c: proxying from nginx) and step 2 adds its run, proxy-nginx-baseline, to the same
+# interleaved rounds: a before/after of a change, side by side in one run.
 #
 #   bash bench/play.sh                          # the full run, ~11 min
 #   DURATION=5 ROUNDS=2 SLOW_HOLD=10 bash bench/play.sh    # a quick look
@@ -54,6 +57,7 @@ SCRAPES=${SCRAPES:-50}
 PIN=${PIN:-1}
 PROFILE=${PROFILE:-1}
 STEPS=${STEPS:-1234}              # which of the numbered steps below to run
+BASELINE=${BASELINE:-}            # another checkout of this repository, for server d
 KEEP_DB=${KEEP_DB:-0}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-1500}   # the whole run, seconds
 
@@ -258,7 +262,14 @@ start_edge a
 start_edge b CDN_DOMAIN=cdn.example.com CLOUDFRONT_KEY_PAIR_ID=K2PLAYBENCH0001 \
     CLOUDFRONT_PRIVATE_KEY_FILE="$WORK/cloudfront.pem"
 start_edge c EDGE_CDN_URL="$NGINX_BASE"
-for name in a b c nginx_master; do
+SERVERS=(a b c)
+if [[ -n $BASELINE ]]; then
+    [[ -f $BASELINE/edge/__init__.py ]] || die "BASELINE=$BASELINE is not a checkout of this repository"
+    start_edge d EDGE_CDN_URL="$NGINX_BASE" PYTHONPATH="$(cd "$BASELINE" && pwd)"
+    SERVERS+=(d)
+    echo "baseline (d): $BASELINE at $(git -C "$BASELINE" rev-parse --short HEAD 2>/dev/null || echo '?')" >> "$OUT/env.txt"
+fi
+for name in "${SERVERS[@]}" nginx_master; do
     for i in $(seq 1 120); do
         kill -0 "${PIDS[$name]}" 2>/dev/null || { tail -20 "$OUT/serve-$name.log" "$OUT/nginx.log" 2>/dev/null >&2; die "$name exited at start"; }
         url=${BASE[$name]:-$NGINX_BASE}/healthz
@@ -273,7 +284,7 @@ NGINX_WORKER=$(pgrep -P "${PIDS[nginx_master]}" | head -1)
 say "edge a ${BASE[a]} (local signer, own origin), b ${BASE[b]} (CloudFront key), c ${BASE[c]} (origin nginx), nginx $NGINX_BASE (worker $NGINX_WORKER); Redis prefix $PREFIX"
 printf '{"a": %s, "b": %s, "c": %s}\n' "$(rss_mb "${PIDS[a]}")" "$(rss_mb "${PIDS[b]}")" \
     "$(rss_mb "${PIDS[c]}")" > "$OUT/startup.json"
-for name in a b c; do timeout 10 curl -fsS "${BASE[$name]}/readyz" > /dev/null || die "$name not ready"; done
+for name in "${SERVERS[@]}"; do timeout 10 curl -fsS "${BASE[$name]}/readyz" > /dev/null || die "$name not ready"; done
 
 # Checks before measuring: `edge token` works, redirect answers 302, proxy answers the exact range.
 sample_id=$(head -1 "$OUT/ids.txt")
@@ -282,7 +293,7 @@ code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $CLI_TOK
 loc=$(curl -s -o /dev/null -w '%{redirect_url}' -H "Authorization: Bearer $CLI_TOKEN" "${BASE[b]}/play/$sample_id")
 [[ $loc == https://cdn.example.com/*Key-Pair-Id=K2PLAYBENCH0001* ]] || die "b did not redirect to a CloudFront URL: $loc"
 HIFI=$(head -1 "$OUT/hifi.txt")
-for name in a c; do
+for name in a c ${BASELINE:+d}; do
     got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' -H "Authorization: Bearer $HIFI" \
         -H "Range: bytes=100-$((100 + RANGE_BYTES - 1))" "${BASE[$name]}/play/$sample_id?mode=proxy&format=flac")
     [[ $got == "206 $RANGE_BYTES" ]] || die "proxy on $name answered '$got', not '206 $RANGE_BYTES'"
@@ -309,7 +320,7 @@ alive() {
 }
 snap() {
     timeout 30 "$PY" "$PLAY/snap.py" "a=${BASE[a]}@${PIDS[a]}" "b=${BASE[b]}@${PIDS[b]}" \
-        "c=${BASE[c]}@${PIDS[c]}" "nginx=@$NGINX_WORKER"
+        "c=${BASE[c]}@${PIDS[c]}" ${BASELINE:+"d=${BASE[d]}@${PIDS[d]}"} "nginx=@$NGINX_WORKER"
 }
 WRK=(timeout $((DURATION + WARMUP + 60)) "${CLI[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" --timeout 10s --latency -s "$PLAY/wrk/rotate.lua")
 run() {  # run NAME SECONDS OUTFILE
@@ -322,6 +333,7 @@ run() {  # run NAME SECONDS OUTFILE
         redirect-cloudfront) url=${BASE[b]} args=("$OUT/paths-redirect.txt" "$OUT/players.txt") ;;
         proxy-local) url=${BASE[a]} args=("$OUT/paths-proxy.txt" "$OUT/hifi.txt" "$RANGE_BYTES" "$MAX_START") ;;
         proxy-nginx) url=${BASE[c]} args=("$OUT/paths-proxy.txt" "$OUT/hifi.txt" "$RANGE_BYTES" "$MAX_START") ;;
+        proxy-nginx-baseline) url=${BASE[d]} args=("$OUT/paths-proxy.txt" "$OUT/hifi.txt" "$RANGE_BYTES" "$MAX_START") ;;
         media) url=${BASE[a]} args=("$OUT/paths-media.txt" - "$RANGE_BYTES" "$MAX_START") ;;
         nginx) url=$NGINX_BASE args=("$OUT/paths-nginx.txt" - "$RANGE_BYTES" "$MAX_START") ;;
         *) die "unknown run $name" ;;
@@ -363,7 +375,7 @@ EOF
 
 step() { [[ $STEPS == *$1* ]]; }
 if step 1; then phase "1. redirect" healthz-local redirect-local healthz-cloudfront redirect-cloudfront; fi
-if step 2; then phase "2. proxy" proxy-local nginx media proxy-nginx; fi
+if step 2; then phase "2. proxy" proxy-local nginx media proxy-nginx ${BASELINE:+proxy-nginx-baseline}; fi
 
 # -- profiles (not counted) ---------------------------------------------------------------------
 profile() {  # profile NAME EDGE: py-spy on that Edge during a DURATION-second run

@@ -28,6 +28,11 @@ RUNS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
     "media": ("Edge's local origin `/media/<signed>` directly", ("a",), "a"),
     "nginx": ("nginx directly (sendfile, 1 worker)", ("nginx",), None),
     "proxy-nginx": ("`/play/{id}?mode=proxy`, origin = nginx (EDGE_CDN_URL)", ("c", "nginx"), "c"),
+    "proxy-nginx-baseline": (
+        "the same, BASELINE's edge (server d)",
+        ("d", "nginx"),
+        "d",
+    ),
 }
 RUN_FILE = re.compile(r"^r(\d+)-([\w-]+)\.txt$")
 
@@ -133,6 +138,7 @@ def summarise(out: Path) -> dict[str, Any]:
         ("proxy_local_vs_media", "proxy-local", "media"),
         ("proxy_nginx_vs_nginx", "proxy-nginx", "nginx"),
         ("media_vs_nginx", "media", "nginx"),
+        ("proxy_nginx_vs_baseline", "proxy-nginx", "proxy-nginx-baseline"),
     ):
         med, each = ratio(runs, num, den)
         ratios[key] = {
@@ -223,7 +229,7 @@ def markdown(s: dict[str, Any]) -> str:
         " | server CPU ms/MiB | server busy | errors |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in ("proxy-local", "media", "nginx", "proxy-nginx"):
+    for name in ("proxy-local", "media", "nginx", "proxy-nginx", "proxy-nginx-baseline"):
         r = runs.get(name)
         if r:
             cpu_ms_mib = r["cpu_us"] / 1000 / (r["bytes_per_req"] / MiB) if r["cpu_us"] else None
@@ -248,8 +254,11 @@ def markdown(s: dict[str, Any]) -> str:
         ("proxy_local_vs_media", "proxy (own origin) / local origin"),
         ("proxy_nginx_vs_nginx", "proxy (nginx origin) / nginx"),
         ("media_vs_nginx", "local origin / nginx"),
+        ("proxy_nginx_vs_baseline", "proxy (nginx origin) / the same on BASELINE"),
     ):
         q = ratios[key]
+        if q["median"] is None:
+            continue
         L.append(
             f"- {label}: **{_pct(q['median'])}** (rounds: {', '.join(_pct(x) for x in q['each'])});"
             f" by CPU per request: {_pct(q['cpu'])}"

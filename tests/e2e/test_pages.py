@@ -414,3 +414,70 @@ async def test_catalog_strings_are_escaped(
             assert await page.locator("main script").count() == 0
         await page.get_by_role("button", name=f"Play {XSS}").first.focus()
     assert errors == []
+
+
+async def test_the_player_works_from_the_keyboard(
+    make_client: Any, playable: dict[str, Any]
+) -> None:
+    """No mouse: Tab reaches a track's play button in reading order, Enter plays it, the player's
+    controls are reachable and named for a screen reader, Space pauses and resumes, Home and End
+    on the seek bar move the playhead, the arrow keys the volume."""
+    client = await make_client(allow_anonymous=True)
+    hells = playable["tracks"]["hells"]
+    async with browser() as b:
+        page = await b.new_page(viewport={"width": 1280, "height": 900})
+        requests, errors = watch(page)
+        await page.goto(str(client.make_url(f"/albums/{playable['albums']['black']}")))
+        focused: list[str] = []
+        for _ in range(40):
+            await page.keyboard.press("Tab")
+            label = await page.evaluate(
+                "() => document.activeElement.getAttribute('aria-label')"
+                " || document.activeElement.id || document.activeElement.textContent.trim()"
+            )
+            focused.append(label)
+            if label == "Play Hells Bells":
+                break
+        assert focused[-1] == "Play Hells Bells", focused
+        assert focused.index("q") < focused.index("Play Hells Bells")  # the search box first
+        await page.keyboard.press("Enter")
+        await page.wait_for_function(
+            f"() => edgePlayer.track === '{hells}' && edgePlayer.audio.currentTime > 0.3"
+            " && !edgePlayer.audio.paused",
+            timeout=WAIT_MS,
+        )
+        # The controls a screen reader announces, by their accessible names.
+        for role, name in (
+            ("button", "Previous track"),
+            ("button", "Pause"),
+            ("button", "Next track"),
+            ("slider", "Seek"),
+            ("slider", "Volume"),
+        ):
+            assert await page.get_by_role(role, name=name, exact=True).count() == 1, (role, name)
+        assert await page.get_by_role("region", name="Player").is_visible()
+
+        await page.get_by_role("button", name="Pause", exact=True).focus()
+        await page.keyboard.press("Space")
+        await page.wait_for_function("() => edgePlayer.audio.paused", timeout=WAIT_MS)
+        # The toggle now says what it will do.
+        await page.get_by_role("button", name="Play", exact=True).wait_for(timeout=WAIT_MS)
+        # Paused, the seek bar moves the playhead: End to the last moment, Home back to 0.
+        await page.get_by_role("slider", name="Seek").focus()
+        await page.keyboard.press("End")
+        await page.wait_for_function(
+            "() => edgePlayer.audio.currentTime > edgePlayer.audio.duration - 0.5",
+            timeout=WAIT_MS,
+        )
+        await page.keyboard.press("Home")
+        await page.wait_for_function("() => edgePlayer.audio.currentTime < 0.2", timeout=WAIT_MS)
+        await page.get_by_role("button", name="Play", exact=True).focus()
+        await page.keyboard.press("Space")
+        await page.wait_for_function("() => !edgePlayer.audio.paused", timeout=WAIT_MS)
+        volume = page.get_by_role("slider", name="Volume")
+        await volume.focus()
+        for _ in range(4):
+            await page.keyboard.press("ArrowLeft")
+        assert await page.evaluate("edgePlayer.audio.volume") == pytest.approx(0.8, abs=0.01)
+        assert play_requests(requests, hells)
+    assert errors == []
