@@ -576,7 +576,7 @@ class OriginPool:
 
     def _release(self, conn: _Connection) -> None:
         self._slots.release()
-        if conn.phase == "held" and conn.remaining == 0 and conn.error is None:
+        if conn.phase == "held" and conn.remaining == 0 and not conn.pending and not conn.lost:
             conn.phase = "done"  # a body of no bytes needs no reading
         if (
             self._closed
