@@ -479,7 +479,6 @@ class OriginPool:
     ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.read_size = read_size
         self.keepalive = keepalive
         self.user_agent = user_agent
         self._ssl = ssl_context

@@ -125,11 +125,13 @@ async def raw_origin(
     return server, f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"
 
 
-def answering(*writes: bytes, close: bool = False) -> Behaviour:
+def answering(*writes: bytes, close: bool = False, accepts: list[int] | None = None) -> Behaviour:
     """An origin that reads one request and writes these answers (then closes, or waits for
-    Edge to)."""
+    Edge to); `accepts` gets an element per connection."""
 
     async def behave(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if accepts is not None:
+            accepts.append(1)
         await reader.readuntil(b"\r\n\r\n")
         for data in writes:
             w.write(data)
@@ -200,14 +202,13 @@ def test_a_body_ended_by_the_connection_is_read_and_not_reused(run: Any) -> None
     accepts: list[int] = []
 
     async def main() -> None:
-        async def behave(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            accepts.append(1)
-            await reader.readuntil(b"\r\n\r\n")
-            w.write(b"HTTP/1.0 200 OK\r\nContent-Type: audio/mpeg\r\n\r\n" + BODY[:100_000])
-            await w.drain()
-            w.close()
-
-        server, base = await raw_origin(behave)
+        server, base = await raw_origin(
+            answering(
+                b"HTTP/1.0 200 OK\r\nContent-Type: audio/mpeg\r\n\r\n" + BODY[:100_000],
+                close=True,
+                accepts=accepts,
+            )
+        )
         async with server:
             origins = pool()
             for _ in range(2):
@@ -287,14 +288,11 @@ def test_an_idle_connection_the_origin_closed_is_not_used(run: Any) -> None:
     accepts: list[int] = []
 
     async def main() -> None:
-        async def behave(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            accepts.append(1)
-            await reader.readuntil(b"\r\n\r\n")
-            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-            await w.drain()
-            w.close()  # keep-alive allowed by the headers, closed anyway once idle
-
-        server, base = await raw_origin(behave)
+        server, base = await raw_origin(
+            answering(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", close=True, accepts=accepts
+            )
+        )  # keep-alive allowed by the headers, closed anyway once idle
         async with server:
             origins = pool()
             response = await origins.get(base + "/1", {})
