@@ -9,7 +9,6 @@ holds the same rules for Prometheus.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import deque
@@ -23,6 +22,7 @@ from edge.metrics import LoopCounter, Metrics
 from edge.settings import Settings
 
 _PLAY_ROUTES = frozenset({"play", "play_head"})
+_NOT_RESPONSE_TIMES = frozenset({"metrics", "media", "media_head"})
 
 log = structlog.get_logger(__name__)
 
@@ -96,9 +96,11 @@ class Alerts:
         self.response_seconds = settings.alert_response_time_ms / 1000
         self.hit_rate = settings.alert_cache_hit_rate
         self.stream_error_rate = settings.alert_stream_error_rate
-        # (monotonic time, seconds) of recent responses; bounded.
-        self.durations: deque[tuple[float, float]] = deque(maxlen=20_000)
         self._counters = _Window(self.window_seconds)
+        # Readings of the response-time histogram (metrics.HttpStats): the window's p95 comes
+        # from the difference of two, as histogram_quantile does in the Prometheus rule, so a
+        # request costs nothing here. The first reading is the start: every bucket empty.
+        self._latency = _Window(self.window_seconds, deque([(time.monotonic(), {})]))
         self._waiting_since: float | None = None
         self.states = {
             s.name: s
@@ -135,9 +137,6 @@ class Alerts:
         for name in self.states:
             metrics.alert_firing.labels(name).set(0)
 
-    def observe_response(self, seconds: float) -> None:
-        self.durations.append((time.monotonic(), seconds))
-
     def evaluate(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         m = self.metrics
@@ -151,8 +150,9 @@ class Alerts:
             },
         )
 
-        recent = [d for t, d in self.durations if t > now - self.window_seconds]
-        p95 = _quantile(recent, 0.95) if len(recent) >= 1 else None
+        counts = m.http.buckets(is_response_time)
+        latency = self._latency.add(now, {str(n): c for n, c in enumerate(counts)})
+        p95 = histogram_quantile(0.95, m.http.bounds, [latency[str(n)] for n in range(len(counts))])
         self._set(
             "response_time",
             p95 is not None and p95 > self.response_seconds,
@@ -209,7 +209,29 @@ class Alerts:
         return [s.as_json() for s in self.states.values()]
 
 
-def _quantile(values: list[float], q: float) -> float:
-    """Nearest-rank quantile."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+def is_response_time(route: str, _method: str, status: int) -> bool:
+    """Whether a response's duration is a response time, as the EdgeSlowResponses rule in
+    deploy/prometheus/alerts.yml selects them: not a scrape, not the local origin's streamed
+    media, and of /play only what is not a streamed body (redirects and errors)."""
+    if route in _PLAY_ROUTES:
+        return not 200 <= status < 300
+    return route not in _NOT_RESPONSE_TIMES
+
+
+def histogram_quantile(q: float, bounds: tuple[float, ...], counts: list[float]) -> float | None:
+    """The q-quantile of a histogram (`counts` per bucket, the last one +Inf), interpolated
+    within its bucket as Prometheus's histogram_quantile does; None when it is empty. In the
+    +Inf bucket it is the highest finite bound."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    below = 0.0
+    for n, count in enumerate(counts):
+        if count > 0 and below + count >= rank:
+            if n >= len(bounds):
+                return bounds[-1]
+            lower = bounds[n - 1] if n else 0.0
+            return lower + (bounds[n] - lower) * (rank - below) / count
+        below += count
+    return bounds[-1]

@@ -28,7 +28,7 @@ def create_app(settings: Settings) -> web.Application:
     # measure what it costs (bench/); errors are always JSON.
     metrics = Metrics()
     alerts = Alerts(settings, metrics)
-    middlewares = [observe(metrics, alerts)] if settings.observe else [errors_as_json]
+    middlewares = [observe(metrics)] if settings.observe else [errors_as_json]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app.on_response_prepare.append(response_headers)

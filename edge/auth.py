@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edge.errors import ApiError
-from edge.logs import CURRENT
+from edge.logs import TIER, USER_ID
 
 Tier = Literal["free", "premium", "hifi"]
 TIERS: tuple[Tier, ...] = ("free", "premium", "hifi")
@@ -142,10 +142,8 @@ def principal(request: web.Request, verifier: Verifier, allow_anonymous: bool) -
     else:
         raise ApiError(401, "token_required", "a player token is required")
     # The request's log lines (the access line too) say who asked; never the token.
-    ctx = CURRENT.get()
-    if ctx is not None:
-        ctx.user_id = who.user_id
-        ctx.tier = who.tier
+    USER_ID.set(who.user_id)
+    TIER.set(who.tier)
     return who
 
 

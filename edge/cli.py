@@ -14,7 +14,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from edge import logs
+from edge import keys, logs
 from edge.settings import Settings, SettingsError
 from edge.signals import Stop
 
@@ -108,6 +108,7 @@ async def _run(app: web.Application, settings: Settings) -> None:
         log.info("stopping")
     finally:
         await runner.cleanup()
+        app[keys.METRICS].http.settle()  # the last requests' access lines
         logs.access_log.flush()
 
 

@@ -5,10 +5,12 @@ Label values are bounded: route names (never raw paths), status classes, cache n
 
 from __future__ import annotations
 
+import asyncio
 import operator
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from itertools import accumulate
+from itertools import accumulate, repeat
 from typing import Any
 
 from prometheus_client import (
@@ -28,6 +30,8 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from edge.logs import access_log
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -92,32 +96,108 @@ class LoopCount:
         self.value += amount
 
 
+# What the observe middleware leaves per request: (method, route, path) as attrgetter reads
+# them off the request, request id, user id, status, bytes sent, and perf_counter() at start
+# and end.
+RequestRow = tuple[tuple[str, Any, str], str, "str | None", int, "int | None", float, float]
+REQUEST_FIELDS = operator.attrgetter("method", "match_info.route", "rel_url.raw_path")
+
+
+class _RouteNames(dict[Any, str]):
+    """Route -> its label value, looked up once per route. Only routes of the app's router are
+    kept (a bounded set); an unmatched request gets a new system route each time, and is named
+    each time: raw paths would make the label set unbounded."""
+
+    def __missing__(self, route: Any) -> str:
+        if route is None or route.resource is None:
+            return "unmatched"
+        name = self[route] = route.name or "unnamed"
+        return name
+
+
 class HttpStats(Collector):
     """Per-request HTTP numbers, kept in plain dicts and exported at scrape time.
 
     Every request updates these, so they must cost next to nothing: prometheus-client's
     labelled children take a lock and a label lookup per update (about 5 µs for the three
-    families of a request, an eighth of a whole /healthz). Here an update is a dict lookup and
-    two additions; the event loop is the only writer, and a scrape copies before it
-    reads. The families and samples are those prometheus-client would expose.
+    families of a request, an eighth of a whole /healthz). The observe middleware only
+    appends a row (RequestRow) to `rows`; `settle` takes the rows in batches, every
+    SETTLE_SECONDS or MAX_ROWS, and before anything reads these numbers (a scrape, the alerts),
+    so what is read is always up to date. It turns them into the counts (a dict update per
+    row) and hands the access lines to logs.access_log, column by column. The event loop is
+    the only writer. The families and samples are those prometheus-client would expose.
     """
+
+    SETTLE_SECONDS = 0.05
+    MAX_ROWS = 256
 
     def __init__(self, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> None:
         self.bounds = tuple(float(b) for b in buckets)
+        # Requests started and not yet settled: a row settled is a request finished.
         self.in_flight = 0
         # (route, method, status) -> [responses per duration bucket (the last one +Inf)...,
-        # sum of durations]: one dict lookup per request. The counter by status and the
-        # histogram by status class are added up from these at scrape time.
+        # sum of durations]. The counter by status and the histogram by status class are
+        # added up from these at scrape time.
         self.entries: dict[tuple[str, str, int], list[float]] = {}
+        self.rows: list[RequestRow] = []
+        self._names = _RouteNames()
+        self._timer: asyncio.TimerHandle | None = None
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One response at once (the middleware's go through rows, in batches)."""
         entry = self.entries.get((route, method, status))
         if entry is None:
             entry = self.entries[route, method, status] = [0] * (len(self.bounds) + 2)
         entry[bisect_left(self.bounds, seconds)] += 1
         entry[-1] += seconds
 
+    def schedule(self) -> None:
+        """The middleware added the first row of a batch: settle it soon."""
+        self._timer = asyncio.get_running_loop().call_later(self.SETTLE_SECONDS, self.settle)
+
+    def settle(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.rows:
+            return
+        rows = self.rows.copy()
+        self.rows.clear()  # (in place: the middleware holds this list)
+        self.in_flight -= len(rows)
+        fields, ids, users, statuses, sents, starts, ends = zip(*rows, strict=True)
+        methods, routes, paths = zip(*fields, strict=True)
+        names = list(map(self._names.__getitem__, routes))
+        durations = list(map(operator.sub, ends, starts))
+        entries, bounds, width = self.entries, self.bounds, len(self.bounds) + 2
+        for key, bucket, seconds in zip(
+            zip(names, methods, statuses, strict=True),
+            map(bisect_left, repeat(bounds), durations),
+            durations,
+            strict=True,
+        ):
+            entry = entries.get(key)
+            if entry is None:
+                entry = entries[key] = [0] * width
+            entry[bucket] += 1
+            entry[-1] += seconds
+        wall = time.time() - time.perf_counter()
+        access_log.add(
+            zip(
+                methods,
+                names,
+                paths,
+                statuses,
+                sents,
+                durations,
+                ids,
+                users,
+                map(operator.add, ends, repeat(wall)),
+                strict=True,
+            )
+        )
+
     def collect(self) -> Iterator[Metric]:
+        self.settle()
         entries = [(labels, entry[:]) for labels, entry in list(self.entries.items())]
         responses = CounterMetricFamily(
             "edge_http_requests", "HTTP responses sent", labels=["route", "method", "status"]
@@ -144,8 +224,21 @@ class HttpStats(Collector):
             "edge_http_requests_in_flight", "Requests being handled", self.in_flight
         )
 
+    def buckets(self, where: Callable[[str, str, int], bool]) -> list[float]:
+        """Responses per duration bucket (the last one +Inf) of the (route, method, status)
+        that `where` accepts, added up since start: a window's histogram is the difference of
+        two readings."""
+        self.settle()
+        total = [0.0] * (len(self.bounds) + 1)
+        for labels, entry in list(self.entries.items()):
+            if where(*labels):
+                for n in range(len(total)):
+                    total[n] += entry[n]
+        return total
+
     def total(self, where: Callable[[str, str, int], bool] | None = None) -> int:
         """Responses sent, all or those whose (route, method, status) `where` accepts."""
+        self.settle()
         return int(
             sum(
                 sum(entry[:-1])

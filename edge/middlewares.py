@@ -12,13 +12,13 @@ import asyncpg
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from multidict import istr
 
 from edge import keys
-from edge.alerts import Alerts
 from edge.catalog import DatabaseUnavailable
 from edge.errors import ApiError, json_error
-from edge.logs import CURRENT, RequestContext, access_log
-from edge.metrics import Metrics
+from edge.logs import REQUEST_ID, USER_ID
+from edge.metrics import REQUEST_FIELDS, Metrics
 
 log = structlog.get_logger("edge.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -61,26 +61,19 @@ async def response_headers(request: web.Request, response: web.StreamResponse) -
     streamed ones too, carries the request id and nosniff; HTML pages a Content-Security-Policy.
     """
     headers = response.headers
-    ctx = CURRENT.get()
-    if ctx is not None:
-        headers["X-Request-ID"] = ctx.request_id
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        headers[_X_REQUEST_ID] = request_id
     headers.setdefault("X-Content-Type-Options", "nosniff")
     if headers.get("Content-Type", "").startswith("text/html"):
         headers.setdefault("Content-Security-Policy", CSP)
         headers.setdefault("Referrer-Policy", "same-origin")
 
 
-_NOT_RESPONSE_TIMES = frozenset({"metrics", "dashboard_data"})
-
-
-_ID_PREFIX = secrets.token_hex(8)
-_ids = itertools.count(1)
-
-
-def _new_request_id() -> str:
-    """Unique per process start and request, without a syscall per request (uuid4 reads
-    urandom): a random per-process prefix and a counter."""
-    return f"{_ID_PREFIX}{next(_ids):016x}"
+# Request ids: unique per process start and request, without a syscall per request (uuid4
+# reads urandom): a random per-process prefix and a counter, formatted in C by next().
+_new_ids = map(f"{secrets.token_hex(8)}%016x".__mod__, itertools.count(1))
+_X_REQUEST_ID = istr("X-Request-ID")
 
 
 def _route_name(request: web.Request) -> str:
@@ -92,43 +85,48 @@ def _route_name(request: web.Request) -> str:
     return "unmatched" if route is None or route.resource is None else "unnamed"
 
 
-def observe(metrics: Metrics, alerts: Alerts) -> Middleware:
+def observe(metrics: Metrics) -> Middleware:
     """Request id, HTTP metrics, the access line, and errors as JSON (errors_as_json's work,
-    done here so a request passes one middleware, not two). This runs around every request,
-    so it is kept to plain operations (metrics.HttpStats and logs.AccessLog say what they
-    avoid), with what it needs bound here rather than looked up per request. The request's id
-    and user live in one logs.RequestContext; each request runs in its own task, so it ends
-    with the request.
+    done here so a request passes one middleware, not two).
+
+    This runs around every request, so what it does per request is kept to a handful of
+    operations: it sets the request's id (logs.REQUEST_ID) and leaves one row for
+    metrics.HttpStats, which counts the rows and renders their access lines in batches (the
+    response-time alert reads the same counts).
     """
     http = metrics.http
+    rows = http.rows
+    max_rows = http.MAX_ROWS
+    fields = REQUEST_FIELDS
+    perf_counter = time.perf_counter
+    set_request_id = REQUEST_ID.set
+    get_user_id = USER_ID.get
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        incoming = request.headers.get("X-Request-ID")
-        ctx = RequestContext(
-            incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id()
-        )
-        CURRENT.set(ctx)
-        started = time.perf_counter()
+        incoming = request.headers.get(_X_REQUEST_ID)
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else next(_new_ids)
+        set_request_id(request_id)
         http.in_flight += 1
         status = 500
-        streamed = False
         sent: int | None = None
+        started = perf_counter()
         try:
             try:
                 response = await handler(request)
             except Exception as exc:
                 response = error_response(request, exc)
             status = response.status
-            # (Class and type checks first: isinstance against aiohttp's response classes, and
+            # (Class checks first: isinstance against aiohttp's response classes, and
             # Response.content_length's against Payload, go through ABCMeta, which costs more
             # than the rest of this block.)
             if type(response) is web.Response:
                 body = response.body
                 sent = len(body) if type(body) is bytes else response.content_length
+            elif isinstance(response, web.Response):
+                sent = response.content_length
             else:
-                streamed = not isinstance(response, web.Response)
-                sent = response.body_length if streamed else response.content_length
+                sent = response.body_length
             return response
         except web.HTTPException as exc:  # a redirect raised by a handler
             status = exc.status
@@ -137,28 +135,13 @@ def observe(metrics: Metrics, alerts: Alerts) -> Middleware:
             status = 499  # the client closed the connection (nginx's convention)
             raise
         finally:
-            elapsed = time.perf_counter() - started
-            http.in_flight -= 1
-            route = _route_name(request)
-            method = request.method
-            http.observe(route, method, status, elapsed)
-            # Streamed bodies (proxied audio, media) last as long as the listener's network
-            # makes them: they are not response times.
-            if not streamed and route not in _NOT_RESPONSE_TIMES:
-                alerts.observe_response(elapsed)
-            if access_log.enabled():
-                access_log.request(
-                    ctx.request_id,
-                    ctx.user_id,
-                    method,
-                    route,
-                    # As sent (percent-encoded), without the query (it may carry a token);
-                    # decoding it would cost more than the rest of the line.
-                    request.rel_url.raw_path,
-                    status,
-                    sent,
-                    elapsed,
-                )
+            rows.append(
+                (fields(request), request_id, get_user_id(), status, sent, started, perf_counter())
+            )
+            if len(rows) == 1:
+                http.schedule()
+            elif len(rows) >= max_rows:
+                http.settle()
 
     return observe
 

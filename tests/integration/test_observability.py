@@ -10,9 +10,11 @@ import logging
 import shutil
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge import keys, logs
+from edge import jobs, keys, logs
+from edge.metrics import HttpStats
 from tests.conftest import bearer
 
 Client = Any
@@ -168,7 +170,9 @@ async def test_access_log_is_json_with_the_request_id(
             "/api/v1/users/alice/recommendations", headers={"Authorization": token}
         )
         assert resp.status == 200
-        logs.access_log.flush()  # access lines are written in batches
+        # Requests are counted and their access lines written in batches.
+        client.app[keys.METRICS].http.settle()
+        logs.access_log.flush()
     finally:
         root.removeHandler(handler)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
@@ -182,3 +186,30 @@ async def test_access_log_is_json_with_the_request_id(
     text = stream.getvalue()
     assert "secret-in-query" not in text
     assert token.split()[1] not in text
+
+
+async def test_requests_are_counted_in_batches_and_before_every_read(
+    make_client: Any, catalog: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(HttpStats, "MAX_ROWS", 3)
+    # Only a full batch or a read settles here: no timer, no alert evaluation, no dashboard
+    # sample (its first one is taken at start, long before the warm-up request has returned).
+    monkeypatch.setattr(HttpStats, "SETTLE_SECONDS", 3600.0)
+    monkeypatch.setattr(jobs, "SAMPLE_SECONDS", 3600.0)
+    client = await make_client(alert_interval_seconds=3600.0)
+    http = client.app[keys.METRICS].http
+    assert (await client.get("/healthz")).status == 200
+    http.settle()
+    http.entries.clear()
+    track = f"/api/v1/tracks/{catalog['tracks']['hells']}"
+    for _ in range(2):
+        assert (await client.get(track)).status == 200
+    assert len(http.rows) == 2 and http.entries == {}  # waiting for their batch
+    assert (await client.get(track)).status == 200
+    assert http.rows == []  # the third filled the batch: counted at once
+    assert sum(sum(e[:-1]) for e in http.entries.values()) == 3
+    assert (await client.get(track)).status == 200
+    # A scrape settles what waits first, and counts itself as the one request in flight.
+    fams = families(await (await client.get("/metrics")).text())
+    assert value(fams, "edge_http_requests", "edge_http_requests_total", route="api_track") == 4
+    assert value(fams, "edge_http_requests_in_flight", "edge_http_requests_in_flight") == 1

@@ -12,10 +12,12 @@ from collections.abc import Iterator
 
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge import logs
+from edge.alerts import histogram_quantile, is_response_time
 from edge.metrics import HttpStats, Metrics, merge_expositions
 
 
@@ -265,3 +267,72 @@ def test_lines_left_by_a_stopped_loop_do_not_wait_forever(json_stream: io.String
     assert access._pending == []
     ids = [json.loads(line)["request_id"] for line in json_stream.getvalue().splitlines()[-2:]]
     assert ids == ["first", "second"]
+
+
+# -- rows left by the middleware, settled in batches --------------------------------------------
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response()
+
+
+async def test_rows_are_counted_and_logged_when_settled(writes: list[str]) -> None:
+    logs.access_log.flush()  # earlier tests' lines
+    writes.clear()
+    app = web.Application()
+    route = app.router.add_get("/x", _ok, name="api_x")
+    stats = HttpStats(buckets=(0.001, 0.01))
+    stats.in_flight = 3  # three requests started; two have finished
+    stats.rows.append((("GET", route, "/x"), "r1", None, 200, 15, 10.0, 10.0005))
+    stats.rows.append((("POST", None, "/nowhere"), "r2", "u\u00e9", 404, None, 11.0, 11.02))
+    assert writes == []
+    # Reading the numbers settles the rows first: nothing read is ever behind.
+    assert stats.total() == 2
+    assert stats.rows == [] and stats.in_flight == 1
+    buckets = {
+        (labels["route"], labels["le"]): value
+        for labels, value, name in families(stats)["edge_http_request_duration_seconds"]
+        if name.endswith("_bucket")
+    }
+    assert buckets[("api_x", "0.001")] == 1
+    assert buckets[("unmatched", "0.01")] == 0 and buckets[("unmatched", "+Inf")] == 1
+    logs.access_log.flush()
+    lines = [json.loads(line) for write in writes for line in write.splitlines()]
+    assert [(x["request_id"], x["route"], x["status"], x["bytes"]) for x in lines] == [
+        ("r1", "api_x", 200, 15),
+        ("r2", "unmatched", 404, None),
+    ]
+    assert "user_id" not in lines[0] and lines[1]["user_id"] == "u\u00e9"
+    assert lines[0]["duration_ms"] == 0.5 and lines[1]["duration_ms"] == 20.0
+
+
+def test_access_lines_escape_what_needs_it(json_stream: io.StringIO) -> None:
+    access = json_access_log()
+    access.request("r1", 'a"b\\c\n', "GET", "page_search", '/s/"x"\\', 200, None, 1.5)
+    access.flush()
+    line = json.loads(json_stream.getvalue().splitlines()[-1])
+    assert line["user_id"] == 'a"b\\c\n' and line["path"] == '/s/"x"\\'
+    assert line["bytes"] is None and line["duration_ms"] == 1500.0
+
+
+# -- the response-time alert reads the same histogram -------------------------------------------
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    bounds = (0.1, 0.2, 0.4)
+    assert histogram_quantile(0.95, bounds, [0, 0, 0, 0]) is None
+    # 100 responses, all in (0.1, 0.2]: the 95th lies 95% of the way through that bucket.
+    assert histogram_quantile(0.95, bounds, [0, 100, 0, 0]) == pytest.approx(0.195)
+    # 90 fast and 10 in (0.2, 0.4]: the 95th is half way through the last finite bucket.
+    assert histogram_quantile(0.95, bounds, [90, 0, 10, 0]) == pytest.approx(0.3)
+    # In the +Inf bucket it is the highest finite bound, as histogram_quantile says.
+    assert histogram_quantile(0.95, bounds, [1, 0, 0, 99]) == 0.4
+
+
+def test_response_times_are_what_the_prometheus_rule_counts() -> None:
+    assert is_response_time("api_track", "GET", 200)
+    assert is_response_time("play", "GET", 302)  # a redirect is an answer
+    assert is_response_time("play", "GET", 429)
+    assert not is_response_time("play", "GET", 206)  # a streamed body lasts as the player does
+    assert not is_response_time("media", "GET", 200)
+    assert not is_response_time("metrics", "GET", 200)
