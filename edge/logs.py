@@ -10,9 +10,7 @@ import sys
 import time
 from collections.abc import Iterable
 from contextvars import ContextVar
-from itertools import repeat
 from json.encoder import encode_basestring_ascii as _json_string  # C, from the stdlib
-from operator import mod, mul
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
@@ -95,8 +93,8 @@ class AccessLog:
     (every FLUSH_SECONDS, or as soon as MAX_PENDING wait), in the same shape and keys structlog
     renders (timestamp, level, logger, event, request_id, user_id when known), to every handler
     that renders JSON through our formatter: the same streams as every other log line, one
-    write per batch. A batch is rendered column by column with C-level maps (one %-format per
-    line, no Python call per line or field), and the level is checked once per batch. A crash
+    write per batch. A batch is rendered in one comprehension (an f-string a line, no Python
+    call per line or field), and the level is checked once per batch. A crash
     loses at most FLUSH_SECONDS of access lines (nginx's `access_log ... buffer= flush=` makes
     the same trade). In console mode (a terminal) lines go through structlog: readable beats
     fast there.
@@ -105,13 +103,6 @@ class AccessLog:
     LOGGER = "edge.access"
     FLUSH_SECONDS = 0.05
     MAX_PENDING = 256
-    # Method (an HTTP token), route name and request id (ours, or a client's that matched
-    # [A-Za-z0-9._:-]) need no escaping; the path and the user id arrive JSON-encoded.
-    _LINE = (
-        '{"method":"%s","route":"%s","path":%s,"status":%d,"bytes":%s,"duration_ms":%.3f,'
-        '"event":"request","request_id":"%s"%s,"level":"info","logger":"edge.access",'
-        '"timestamp":"%s.%06dZ"}\n'
-    )
 
     def __init__(self) -> None:
         self.json_formatter: logging.Formatter | None = None
@@ -196,26 +187,26 @@ class AccessLog:
                     handler.release()
 
     def _render(self, rows: list[AccessRow]) -> str:
-        columns = zip(*rows, strict=True)
-        methods, routes, paths, statuses, sents, seconds, ids, users, times = columns
+        """The JSON lines of a batch, in the key order structlog renders. Method (an HTTP
+        token), route name and request id (ours, or a client's that matched [A-Za-z0-9._:-])
+        need no escaping; the path and the user id are escaped as JSON strings. One f-string a
+        line: no call per field, no format string parsed per line."""
+        seconds_text = self._seconds
         return "".join(
-            map(
-                self._LINE.__mod__,
-                zip(
-                    methods,
-                    routes,
-                    map(_json_string, paths),
-                    statuses,
-                    ["null" if sent is None else sent for sent in sents],
-                    map(mul, seconds, repeat(1000.0)),
-                    ids,
-                    ["" if u is None else f',"user_id":{_json_string(u)}' for u in users],
-                    map(self._seconds.__getitem__, map(int, times)),
-                    map(int, map(mul, map(mod, times, repeat(1.0)), repeat(1e6))),
-                    strict=True,
-                ),
-            )
+            [
+                f'{{"method":"{method}","route":"{route}","path":{_json_string(path)},'
+                f'"status":{status},"bytes":{"null" if sent is None else sent},'
+                f'"duration_ms":{seconds * 1000:.3f},"event":"request",'
+                f'"request_id":"{request_id}"'
+                f"{'' if user_id is None else _USER_KEY + _json_string(user_id)},"
+                f'"level":"info","logger":"edge.access",'
+                f'"timestamp":"{seconds_text[int(at)]}.{int(at % 1 * 1e6):06d}Z"}}\n'
+                for method, route, path, status, sent, seconds, request_id, user_id, at in rows
+            ]
         )
+
+
+_USER_KEY = ',"user_id":'
 
 
 class _SecondsText(dict[int, str]):

@@ -10,7 +10,7 @@ import operator
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from itertools import accumulate, repeat
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import (
@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from edge.logs import access_log
+from edge.logs import AccessRow, access_log
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -124,7 +124,7 @@ class HttpStats(Collector):
     appends a row (RequestRow) to `rows`; `settle` takes the rows in batches, every
     SETTLE_SECONDS or MAX_ROWS, and before anything reads these numbers (a scrape, the alerts),
     so what is read is always up to date. It turns them into the counts (a dict update per
-    row) and hands the access lines to logs.access_log, column by column. The event loop is
+    row) and hands the access lines to logs.access_log, in the same pass. The event loop is
     the only writer. The families and samples are those prometheus-client would expose.
     """
 
@@ -164,37 +164,22 @@ class HttpStats(Collector):
         rows = self.rows.copy()
         self.rows.clear()  # (in place: the middleware holds this list)
         self.in_flight -= len(rows)
-        fields, ids, users, statuses, sents, starts, ends = zip(*rows, strict=True)
-        methods, routes, paths = zip(*fields, strict=True)
-        names = list(map(self._names.__getitem__, routes))
-        durations = list(map(operator.sub, ends, starts))
-        entries, bounds, width = self.entries, self.bounds, len(self.bounds) + 2
-        for key, bucket, seconds in zip(
-            zip(names, methods, statuses, strict=True),
-            map(bisect_left, repeat(bounds), durations),
-            durations,
-            strict=True,
-        ):
-            entry = entries.get(key)
-            if entry is None:
-                entry = entries[key] = [0] * width
-            entry[bucket] += 1
-            entry[-1] += seconds
+        # One pass, a handful of operations a row: count it, and shape its access line.
+        entries, bounds, names = self.entries, self.bounds, self._names
+        width = len(bounds) + 2
         wall = time.time() - time.perf_counter()
-        access_log.add(
-            zip(
-                methods,
-                names,
-                paths,
-                statuses,
-                sents,
-                durations,
-                ids,
-                users,
-                map(operator.add, ends, repeat(wall)),
-                strict=True,
-            )
-        )
+        lines: list[AccessRow] = []
+        for (method, route, path), request_id, user_id, status, sent, started, ended in rows:
+            name = names[route]
+            seconds = ended - started
+            entry = entries.get((name, method, status))
+            if entry is None:
+                entry = entries[name, method, status] = [0] * width
+            entry[bisect_left(bounds, seconds)] += 1
+            entry[-1] += seconds
+            at = ended + wall
+            lines.append((method, name, path, status, sent, seconds, request_id, user_id, at))
+        access_log.add(lines)
 
     def collect(self) -> Iterator[Metric]:
         self.settle()
