@@ -4,6 +4,7 @@
 # (EDGE_OBSERVE=false, EDGE_LOG_LEVEL=WARNING), interleaved rounds, medians.
 #
 #   bash bench/observe.sh            # ROUNDS=5 DURATION=10 CONNECTIONS=32
+#   BASELINE=/tmp/old bash bench/observe.sh   # and another checkout's pair, in the same rounds
 #
 # Needs wrk (apt-get install -y wrk), PostgreSQL and Redis (DATABASE_URL / REDIS_URL, default
 # the local ones). Each Edge is pinned to CPU 0 in its turn and wrk to CPU 1.
@@ -23,33 +24,54 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 port=""
-start() {  # name, extra env...; sets $port (not in a subshell, so the trap sees every pid)
-    local name=$1; shift
+python=$(python3 -c 'import sys; print(sys.executable)')
+start() {  # name, code dir, extra env...; sets $port (not in a subshell, so the trap sees every pid)
+    local name=$1 code=$2; shift 2
     port=$(free_port)
-    env "$@" EDGE_PORT="$port" EDGE_LOG_FORMAT=json EDGE_REDIS_KEY_PREFIX="observe-$name:" \
-        taskset -c 0 edge serve >"$out/$name.log" 2>&1 &
+    # `python -m edge` from the checkout's directory imports that checkout's edge package.
+    (cd "$code" && exec env "$@" EDGE_PORT="$port" EDGE_LOG_FORMAT=json \
+        EDGE_REDIS_KEY_PREFIX="observe-$name:" taskset -c 0 "$python" -m edge serve) \
+        >"$out/$name.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 }
-start with EDGE_OBSERVE=true EDGE_LOG_LEVEL=INFO
+here=$PWD
+start with "$here" EDGE_OBSERVE=true EDGE_LOG_LEVEL=INFO
 with_port=$port
-start without EDGE_OBSERVE=false EDGE_LOG_LEVEL=WARNING
+start without "$here" EDGE_OBSERVE=false EDGE_LOG_LEVEL=WARNING
 without_port=$port
+if [[ -n ${BASELINE:-} ]]; then
+    start baseline-with "$BASELINE" EDGE_OBSERVE=true EDGE_LOG_LEVEL=INFO
+    base_with_port=$port
+    start baseline-without "$BASELINE" EDGE_OBSERVE=false EDGE_LOG_LEVEL=WARNING
+    base_without_port=$port
+fi
 
 rps() { taskset -c 1 wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/healthz" \
         | tee -a "$out/wrk-$2.txt" | awk '/Requests\/sec/ {print $2}'; }
 : >"$out/rounds.txt"
 for r in $(seq 1 "$ROUNDS"); do
     a=$(rps "$with_port" with); b=$(rps "$without_port" without)
-    echo "$r $a $b" | tee -a "$out/rounds.txt"
+    if [[ -n ${BASELINE:-} ]]; then
+        c=$(rps "$base_with_port" baseline-with); d=$(rps "$base_without_port" baseline-without)
+        echo "$r $a $b $c $d" | tee -a "$out/rounds.txt"
+    else
+        echo "$r $a $b" | tee -a "$out/rounds.txt"
+    fi
 done
 python3 - "$out/rounds.txt" <<'PY'
 import statistics, sys
 rows = [line.split() for line in open(sys.argv[1]) if line.strip()]
-with_ = [float(r[1]) for r in rows]; without = [float(r[2]) for r in rows]
-ratios = [w / o for w, o in zip(with_, without)]
-print(f"/healthz req/s with observe: median {statistics.median(with_):.0f} {with_}")
-print(f"/healthz req/s without:      median {statistics.median(without):.0f} {without}")
-print(f"cost of metrics+logging: {100 * (1 - statistics.median(ratios)):.1f}% of throughput"
-      f" (median of per-round ratios {[round(x, 3) for x in ratios]})")
+
+def report(label: str, first: int) -> None:
+    with_ = [float(r[first]) for r in rows]; without = [float(r[first + 1]) for r in rows]
+    ratios = [w / o for w, o in zip(with_, without)]
+    print(f"{label}/healthz req/s with observe: median {statistics.median(with_):.0f} {with_}")
+    print(f"{label}/healthz req/s without:      median {statistics.median(without):.0f} {without}")
+    print(f"{label}cost of metrics+logging: {100 * (1 - statistics.median(ratios)):.1f}% of"
+          f" throughput (median of per-round ratios {[round(x, 3) for x in ratios]})")
+
+report("", 1)
+if len(rows[0]) > 3:
+    report("baseline: ", 3)
 PY
