@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 from typing import Any
 
+import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -32,6 +33,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from edge.logs import AccessRow, access_log
+
+log = structlog.get_logger(__name__)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -164,22 +167,27 @@ class HttpStats(Collector):
         rows = self.rows.copy()
         self.rows.clear()  # (in place: the middleware holds this list)
         self.in_flight -= len(rows)
-        # One pass, a handful of operations a row: count it, and shape its access line.
-        entries, bounds, names = self.entries, self.bounds, self._names
-        width = len(bounds) + 2
-        wall = time.time() - time.perf_counter()
-        lines: list[AccessRow] = []
-        for (method, route, path), request_id, user_id, status, sent, started, ended in rows:
-            name = names[route]
-            seconds = ended - started
-            entry = entries.get((name, method, status))
-            if entry is None:
-                entry = entries[name, method, status] = [0] * width
-            entry[bisect_left(bounds, seconds)] += 1
-            entry[-1] += seconds
-            at = ended + wall
-            lines.append((method, name, path, status, sent, seconds, request_id, user_id, at))
-        access_log.add(lines)
+        # (A bug here must not fail the request whose row filled the batch: logged, and the
+        # batch is dropped.)
+        try:
+            # One pass, a handful of operations a row: count it, and shape its access line.
+            entries, bounds, names = self.entries, self.bounds, self._names
+            width = len(bounds) + 2
+            wall = time.time() - time.perf_counter()
+            lines: list[AccessRow] = []
+            for (method, route, path), request_id, user_id, status, sent, started, ended in rows:
+                name = names[route]
+                seconds = ended - started
+                entry = entries.get((name, method, status))
+                if entry is None:
+                    entry = entries[name, method, status] = [0] * width
+                entry[bisect_left(bounds, seconds)] += 1
+                entry[-1] += seconds
+                at = ended + wall
+                lines.append((method, name, path, status, sent, seconds, request_id, user_id, at))
+            access_log.add(lines)
+        except Exception:
+            log.exception("http_stats_settle_failed", rows=len(rows))
 
     def collect(self) -> Iterator[Metric]:
         self.settle()

@@ -336,3 +336,18 @@ def test_response_times_are_what_the_prometheus_rule_counts() -> None:
     assert not is_response_time("play", "GET", 206)  # a streamed body lasts as the player does
     assert not is_response_time("media", "GET", 200)
     assert not is_response_time("metrics", "GET", 200)
+
+
+def test_a_batch_that_cannot_be_settled_is_logged_and_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stats = HttpStats()
+    # A route without .resource: not one aiohttp makes, so settling the row fails.
+    stats.rows.append((("GET", object(), "/x"), "r1", None, 200, 0, 1.0, 1.001))
+    with caplog.at_level(logging.ERROR):
+        stats.settle()  # does not raise: the request that filled the batch is still answered
+    assert stats.rows == [] and stats.total() == 0
+    assert any(
+        isinstance(r.msg, dict) and r.msg.get("event") == "http_stats_settle_failed"
+        for r in caplog.records
+    )
