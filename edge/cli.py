@@ -108,8 +108,7 @@ async def _run(app: web.Application, settings: Settings) -> None:
         log.info("stopping")
     finally:
         await runner.cleanup()
-        app[keys.METRICS].http.settle()  # the last requests' access lines
-        logs.access_log.flush()
+        app[keys.METRICS].http.settle()  # the last requests' counts and access lines
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:

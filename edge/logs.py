@@ -4,11 +4,9 @@ handled (REQUEST_ID, USER_ID)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
-from collections.abc import Iterable
 from contextvars import ContextVar
 from json.encoder import encode_basestring_ascii as _json_string  # C, from the stdlib
 
@@ -88,27 +86,20 @@ class AccessLog:
     """One line per request, written without structlog's per-event processor chain.
 
     The access line is the one event every request makes, and through structlog and the stdlib
-    handler it costs about 25 µs: more than half of what a small request costs Edge. In JSON
-    mode a request only leaves its fields here, and lines are rendered and written in batches
-    (every FLUSH_SECONDS, or as soon as MAX_PENDING wait), in the same shape and keys structlog
-    renders (timestamp, level, logger, event, request_id, user_id when known), to every handler
-    that renders JSON through our formatter: the same streams as every other log line, one
-    write per batch. A batch is rendered in one comprehension (an f-string a line, no Python
-    call per line or field), and the level is checked once per batch. A crash
-    loses at most FLUSH_SECONDS of access lines (nginx's `access_log ... buffer= flush=` makes
-    the same trade). In console mode (a terminal) lines go through structlog: readable beats
-    fast there.
+    handler it costs about 25 µs: more than half of what a small request costs Edge. The lines
+    come here in batches (metrics.HttpStats.settle: at most 50 ms after their requests) and
+    are written at once, in the same shape and keys structlog renders (timestamp, level,
+    logger, event, request_id, user_id when known), to every handler that renders JSON through
+    our formatter: the same streams as every other log line, one write per batch. A batch is
+    rendered in one comprehension (an f-string a line, no Python call per line or field), and
+    the level is checked once per batch. In console mode (a terminal) lines go through
+    structlog: readable beats fast there.
     """
 
     LOGGER = "edge.access"
-    FLUSH_SECONDS = 0.05
-    MAX_PENDING = 256
 
     def __init__(self) -> None:
         self.json_formatter: logging.Formatter | None = None
-        self._pending: list[AccessRow] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._logger = logging.getLogger(self.LOGGER)
         self._slow = structlog.get_logger(self.LOGGER)
         self._seconds = _SecondsText()
@@ -116,48 +107,8 @@ class AccessLog:
     def enabled(self) -> bool:
         return self._logger.isEnabledFor(logging.INFO)
 
-    def request(
-        self,
-        request_id: str,
-        user_id: str | None,
-        method: str,
-        route: str,
-        path: str,
-        status: int,
-        sent: int | None,
-        seconds: float,
-    ) -> None:
-        """The access line of one request (the observe middleware's go through add, in
-        batches)."""
-        self.add([(method, route, path, status, sent, seconds, request_id, user_id, time.time())])
-
-    def add(self, rows: Iterable[AccessRow]) -> None:
-        pending = self._pending
-        waiting = len(pending)
-        pending.extend(rows)
-        if self.json_formatter is None or len(pending) >= self.MAX_PENDING:
-            self.flush()
-        elif not waiting or self._timer_loop is None or self._timer_loop.is_closed():
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop (a tool, a test): write now
-                self.flush()
-                return
-            # (A timer left on a loop that stopped, a test's or a server's that shut down,
-            # must not keep these lines waiting.)
-            if self._timer is None or self._timer_loop is not loop:
-                self._timer = loop.call_later(self.FLUSH_SECONDS, self.flush)
-                self._timer_loop = loop
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._pending:
-            return
-        rows = self._pending
-        self._pending = []
-        if not self.enabled():
+    def write(self, rows: list[AccessRow]) -> None:
+        if not rows or not self.enabled():
             return
         formatter = self.json_formatter
         if formatter is None:

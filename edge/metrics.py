@@ -106,15 +106,23 @@ RequestRow = tuple[tuple[str, Any, str], str, "str | None", int, "int | None", f
 REQUEST_FIELDS = operator.attrgetter("method", "match_info.route", "rel_url.raw_path")
 
 
+def route_label(route: Any) -> str:
+    """A request's route (request.match_info.route) as a label value: its name. Unmatched
+    paths share one value, as raw paths would make the label set unbounded."""
+    if route is None or route.resource is None:
+        return "unmatched"
+    return str(route.name or "unnamed")
+
+
 class _RouteNames(dict[Any, str]):
-    """Route -> its label value, looked up once per route. Only routes of the app's router are
+    """Route -> route_label, looked up once per route. Only routes of the app's router are
     kept (a bounded set); an unmatched request gets a new system route each time, and is named
-    each time: raw paths would make the label set unbounded."""
+    each time."""
 
     def __missing__(self, route: Any) -> str:
-        if route is None or route.resource is None:
-            return "unmatched"
-        name = self[route] = route.name or "unnamed"
+        name = route_label(route)
+        if name != "unmatched":
+            self[route] = name
         return name
 
 
@@ -185,7 +193,7 @@ class HttpStats(Collector):
                 entry[-1] += seconds
                 at = ended + wall
                 lines.append((method, name, path, status, sent, seconds, request_id, user_id, at))
-            access_log.add(lines)
+            access_log.write(lines)
         except Exception:
             log.exception("http_stats_settle_failed", rows=len(rows))
 

@@ -18,7 +18,7 @@ from edge import keys
 from edge.catalog import DatabaseUnavailable
 from edge.errors import ApiError, json_error
 from edge.logs import REQUEST_ID, USER_ID
-from edge.metrics import REQUEST_FIELDS, Metrics
+from edge.metrics import REQUEST_FIELDS, Metrics, route_label
 
 log = structlog.get_logger("edge.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -74,15 +74,6 @@ async def response_headers(request: web.Request, response: web.StreamResponse) -
 # reads urandom): a random per-process prefix and a counter, formatted in C by next().
 _new_ids = map(f"{secrets.token_hex(8)}%016x".__mod__, itertools.count(1))
 _X_REQUEST_ID = istr("X-Request-ID")
-
-
-def _route_name(request: web.Request) -> str:
-    route = request.match_info.route
-    name = route.name if route is not None else None
-    if name:
-        return name
-    # Unmatched paths share one label value: raw paths would make the label set unbounded.
-    return "unmatched" if route is None or route.resource is None else "unnamed"
 
 
 def observe(metrics: Metrics) -> Middleware:
@@ -173,7 +164,7 @@ def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
         return json_error(exc.status, code, exc.reason, headers)
     if isinstance(exc, _CLIENT_GONE):
         # The player hung up before we could answer: nothing to send, nothing to page about.
-        log.debug("client_gone", route=_route_name(request))
+        log.debug("client_gone", route=route_label(request.match_info.route))
         return web.Response(status=499)
     if isinstance(exc, _DB_UNAVAILABLE):
         metrics.errors.labels("database_unavailable").inc()

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -113,13 +114,20 @@ async def writes(json_stream: io.StringIO) -> list[str]:
     return made
 
 
+def row(request_id: str, user_id: str | None = None) -> logs.AccessRow:
+    """One access line's fields, as HttpStats.settle hands them over."""
+    return ("GET", "healthz", "/healthz", 200, 15, 0.000123, request_id, user_id, time.time())
+
+
 async def test_access_lines_are_written_in_batches(writes: list[str]) -> None:
-    access = json_access_log()
-    access.FLUSH_SECONDS = 0.001
+    stats = HttpStats()
+    stats.SETTLE_SECONDS = 0.001
     for n in range(5):
-        access.request(f"r{n}", None, "GET", "healthz", "/healthz", 200, 15, 0.0001)
+        stats.rows.append((("GET", None, "/healthz"), f"r{n}", None, 200, 15, 1.0, 1.0001))
+        if n == 0:
+            stats.schedule()  # as the middleware does for the first row of a batch
     assert writes == []  # nothing written while the requests are being answered
-    for _ in range(1000):  # the flush timer: polled, bounded
+    for _ in range(1000):  # the settle timer: polled, bounded
         if writes:
             break
         await asyncio.sleep(0.001)
@@ -128,23 +136,11 @@ async def test_access_lines_are_written_in_batches(writes: list[str]) -> None:
     assert [line["request_id"] for line in lines] == ["r0", "r1", "r2", "r3", "r4"]
 
 
-async def test_a_full_batch_is_written_at_once(writes: list[str]) -> None:
-    access = json_access_log()
-    access.MAX_PENDING = 3
-    access.FLUSH_SECONDS = 3600  # only a full batch can be written in this test
-    for n in range(4):
-        access.request(f"r{n}", None, "GET", "healthz", "/healthz", 200, 15, 0.0001)
-    assert [len(w.splitlines()) for w in writes] == [3]
-    assert len(access._pending) == 1  # the fourth waits for its batch
-
-
 def test_access_line_has_the_keys_structlog_renders(json_stream: io.StringIO) -> None:
     # The same event through structlog's pipeline, for comparison.
     logging.getLogger("edge.test").info("x")  # a foreign (stdlib) line also renders as JSON
     structlog_line = json.loads(json_stream.getvalue().splitlines()[-1])
-    access = json_access_log()
-    access.request("abc", "u1", "GET", "healthz", "/healthz", 200, 15, 0.000123)
-    access.flush()
+    json_access_log().write([row("abc", "u1")])
     line = json.loads(json_stream.getvalue().splitlines()[-1])
     assert set(structlog_line) <= set(line)
     assert line["event"] == "request" and line["level"] == "info"
@@ -164,7 +160,7 @@ def test_access_line_has_the_keys_structlog_renders(json_stream: io.StringIO) ->
 def test_console_mode_goes_through_structlog(caplog: pytest.LogCaptureFixture) -> None:
     access = logs.AccessLog()  # no JSON formatter: the terminal's readable output
     with caplog.at_level(logging.INFO, logger="edge.access"):
-        access.request("abc", "u1", "GET", "healthz", "/healthz", 200, 15, 0.0001)
+        access.write([row("abc", "u1")])
     events = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
     assert any(e.get("event") == "request" and e.get("user_id") == "u1" for e in events)
 
@@ -245,30 +241,6 @@ def test_merged_exposition_passes_promtool() -> None:
     assert result.stdout.strip() == b"" and result.stderr.strip() == b""
 
 
-def test_lines_left_by_a_stopped_loop_do_not_wait_forever(json_stream: io.StringIO) -> None:
-    access = json_access_log()
-    access.FLUSH_SECONDS = 3600
-
-    async def one_line(request_id: str) -> None:
-        access.request(request_id, None, "GET", "healthz", "/healthz", 200, 15, 0.0001)
-
-    asyncio.run(one_line("first"))  # its timer dies with its loop
-    assert len(access._pending) == 1
-
-    async def another_line() -> None:
-        access.FLUSH_SECONDS = 0.001
-        await one_line("second")
-        for _ in range(1000):  # the new loop's timer: polled, bounded
-            if not access._pending:
-                return
-            await asyncio.sleep(0.001)
-
-    asyncio.run(another_line())
-    assert access._pending == []
-    ids = [json.loads(line)["request_id"] for line in json_stream.getvalue().splitlines()[-2:]]
-    assert ids == ["first", "second"]
-
-
 # -- rows left by the middleware, settled in batches --------------------------------------------
 
 
@@ -277,8 +249,6 @@ async def _ok(request: web.Request) -> web.Response:
 
 
 async def test_rows_are_counted_and_logged_when_settled(writes: list[str]) -> None:
-    logs.access_log.flush()  # earlier tests' lines
-    writes.clear()
     app = web.Application()
     route = app.router.add_get("/x", _ok, name="api_x")
     stats = HttpStats(buckets=(0.001, 0.01))
@@ -296,7 +266,6 @@ async def test_rows_are_counted_and_logged_when_settled(writes: list[str]) -> No
     }
     assert buckets[("api_x", "0.001")] == 1
     assert buckets[("unmatched", "0.01")] == 0 and buckets[("unmatched", "+Inf")] == 1
-    logs.access_log.flush()
     lines = [json.loads(line) for write in writes for line in write.splitlines()]
     assert [(x["request_id"], x["route"], x["status"], x["bytes"]) for x in lines] == [
         ("r1", "api_x", 200, 15),
@@ -307,9 +276,8 @@ async def test_rows_are_counted_and_logged_when_settled(writes: list[str]) -> No
 
 
 def test_access_lines_escape_what_needs_it(json_stream: io.StringIO) -> None:
-    access = json_access_log()
-    access.request("r1", 'a"b\\c\n', "GET", "page_search", '/s/"x"\\', 200, None, 1.5)
-    access.flush()
+    line_fields = ("GET", "page_search", '/s/"x"\\', 200, None, 1.5, "r1", 'a"b\\c\n', time.time())
+    json_access_log().write([line_fields])
     line = json.loads(json_stream.getvalue().splitlines()[-1])
     assert line["user_id"] == 'a"b\\c\n' and line["path"] == '/s/"x"\\'
     assert line["bytes"] is None and line["duration_ms"] == 1500.0
