@@ -265,14 +265,15 @@ class _Connection(asyncio.BufferedProtocol):
             if c.strip()
         ]
         if codings:
-            # RFC 9112 §6.1, §6.3: chunked last frames the body, anything else ends with the
-            # connection; a Content-Length beside it is ignored, and the connection not reused.
+            # Edge sends no TE header, so chunked alone is the one coding an origin may use
+            # (RFC 9112 §6.1): under any other the bytes are not the object's, and must never
+            # reach a player as audio. A Content-Length beside it is ignored (§6.3), and the
+            # connection not reused.
+            if codings != ["chunked"]:
+                raise OriginError("protocol", f"unsupported transfer coding {', '.join(codings)}")
             if "Content-Length" in headers:
                 self.reusable = False
-            if codings[-1] == "chunked":
-                self.chunked = _Chunked()
-            else:
-                self.reusable = False
+            self.chunked = _Chunked()
         elif "Content-Length" in headers:
             lengths = headers.getall("Content-Length")
             if len(lengths) > 1 or not _DECIMAL.fullmatch(lengths[0]):
@@ -354,7 +355,12 @@ class _Connection(asyncio.BufferedProtocol):
             except ConnectionError as exc:
                 self._fail(exc)
                 return
-        if overflow or (self.expected == 0 and self.remaining > 0):
+        # All that was asked has come, but the body goes on (Content-Length), or ends only with
+        # the connection, which the origin may keep open: done, and the connection with it.
+        if overflow or (
+            self.expected == 0
+            and (self.remaining > 0 or (self.remaining < 0 and self.chunked is None))
+        ):
             self.reusable = False
             self._finish()
         elif not room and self.transport is not None:
@@ -516,25 +522,38 @@ class OriginPool:
             raise OriginError("timeout", "every origin connection is in use") from None
         conn: _Connection | None = None
         try:
-            conn = None if fresh else self._pooled(key)
-            if conn is None:
-                conn = await self._connect(key)
-            conn.reset()
-            conn.phase = "head"
+            reused = None if fresh else self._pooled(key)
             default_port = 443 if scheme == "https" else 80
             name = f"[{host}]" if ":" in host else host  # an IPv6 address
             host_header = name if port == default_port else f"{name}:{port}"
             lines = [f"GET {target.raw_path_qs} HTTP/1.1", f"Host: {host_header}"]
             lines += [f"{k}: {v}" for k, v in headers.items()]
             lines.append(f"User-Agent: {self.user_agent}")
-            assert conn.transport is not None
-            conn.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-            conn.arm_timer()
-            while conn.phase == "head":
-                await conn.wait()
-            if conn.error is not None:
-                raise conn.error
-            return OriginResponse(self, conn)
+            request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            while True:
+                conn = reused or await self._connect(key)
+                conn.reset()
+                conn.phase = "head"
+                assert conn.transport is not None
+                conn.transport.write(request)
+                conn.arm_timer()
+                while conn.phase == "head":
+                    await conn.wait()
+                error = conn.error
+                if error is None:
+                    return OriginResponse(self, conn)
+                if (
+                    reused is not None
+                    and isinstance(error, OriginError)
+                    and error.kind == "connect"
+                ):
+                    # A kept-alive connection the origin closed as we sent: nothing was
+                    # answered, so the GET goes again, once, on a new connection.
+                    conn.close()
+                    self._open.discard(conn)
+                    conn = reused = None
+                    continue
+                raise error
         except BaseException:
             if conn is not None:
                 conn.close()

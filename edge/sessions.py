@@ -261,17 +261,22 @@ class ScriptBatch:
             self._lost(lost, type(failures[0]).__name__)
 
     async def _execute(self, calls: list[_Call]) -> list[Any]:
-        for attempt in (1, 2):
+        # Two things may need one more try, each once: a pooled connection Redis had closed
+        # (a new one), and a script Redis no longer has (loaded again). A restarted Redis
+        # needs both.
+        reconnected = reloaded = False
+        while True:
             try:
                 results = await self._round_trip(calls)
             except RedisConnectionError:
-                if attempt == 2:
+                if reconnected:
                     raise
-                continue  # a pooled connection Redis had closed: once more, on a new one
-            if attempt == 2 or not any(isinstance(r, NoScriptError) for r in results):
-                break
+                reconnected = True
+                continue
+            if reloaded or not any(isinstance(r, NoScriptError) for r in results):
+                return results
+            reloaded = True
             await self.redis.script_load(self.script)
-        return results
 
     async def _round_trip(self, calls: list[_Call]) -> list[Any]:
         pool = self.redis.connection_pool

@@ -202,3 +202,24 @@ async def test_a_pooled_connection_redis_closed_is_replaced(
         assert batch.batches == 2
     finally:
         await own.aclose()
+
+
+async def test_a_restarted_redis_closed_the_connection_and_forgot_the_script(
+    redis_client: aioredis.Redis, servers: Servers
+) -> None:
+    """After a Redis restart both happen at once: the pooled connection is gone and so is the
+    script. One batch needs a new connection and a reload; its players still get answers."""
+    name = f"edge-batch-{uuid.uuid4().hex[:8]}"
+    own = aioredis.Redis.from_url(servers.redis_url, client_name=name)
+    try:
+        batch = ScriptBatch(own, f"return ARGV[1] .. '{name}'")  # a script of this test's own
+        await own.script_load(batch.script)
+        first = batch.call([], ("one",))
+        assert first is not None and await first == f"one{name}".encode()
+        (victim,) = [c for c in await redis_client.client_list() if c.get("name") == name]
+        assert await redis_client.client_kill_filter(_id=victim["id"]) == 1
+        await redis_client.script_flush()
+        second = batch.call([], ("two",))
+        assert second is not None and await second == f"two{name}".encode()
+    finally:
+        await own.aclose()
