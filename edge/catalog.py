@@ -305,6 +305,13 @@ def decode_cursor(cursor: str, kind: str, types: tuple[type, ...]) -> tuple[Any,
     return tuple(values)
 
 
+def compact(doc: str) -> bytes:
+    """PostgreSQL's json text (`{"id" : 1, ...}`) without its spaces: a document is made once
+    per cache fill and sent with every hit, where its bytes cost (a track's is an eighth
+    smaller). Keys keep their order."""
+    return orjson.dumps(orjson.loads(doc))
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     docs: list[bytes]
@@ -398,10 +405,10 @@ class Catalog:
 
     async def _doc(self, name: str, sql: str, *args: Any) -> bytes | None:
         doc = await self._fetchval(name, sql, *args)
-        return doc.encode() if doc is not None else None
+        return compact(doc) if doc is not None else None
 
     def _page(self, kind: str, rows: list[asyncpg.Record], limit: int, nkeys: int) -> Page:
-        docs = [r["doc"].encode() for r in rows[:limit]]
+        docs = [compact(r["doc"]) for r in rows[:limit]]
         cursor = None
         if len(rows) > limit:
             last = rows[limit - 1]
@@ -480,7 +487,7 @@ class Catalog:
             seen = {r["doc"] for r in rows}
             more = await self._fetch("popular_unheard", POPULAR_UNHEARD_SQL, user_id, limit)
             rows += [r for r in more if r["doc"] not in seen][: limit - len(rows)]
-        return Page([r["doc"].encode() for r in rows], None)
+        return Page([compact(r["doc"]) for r in rows], None)
 
     async def search(self, query: str, limit: int, cursor: str | None) -> Page:
         """Ranked, by tier or by popularity, as the first page found best for the number of
@@ -516,4 +523,4 @@ class Catalog:
                 next_cursor = encode_cursor("search-tier", int(last["rank"]), plays, last_id)
             else:
                 next_cursor = encode_cursor("search", last["rank"], plays, last_id)
-        return Page([r["doc"].encode() for r in rows[:limit]], next_cursor)
+        return Page([compact(r["doc"]) for r in rows[:limit]], next_cursor)

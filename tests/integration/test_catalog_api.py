@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from edge import keys
@@ -33,6 +34,19 @@ async def test_track_with_renditions(client: Client, catalog: dict[str, Any]) ->
     ]
     assert body["renditions"][1]["object_key"] == "k/a.mp3"
     assert body["renditions"][1]["content_type"] == "audio/mpeg"
+
+
+async def test_documents_are_compact_json(client: Client, catalog: dict[str, Any]) -> None:
+    """PostgreSQL's json text has spaces around every colon; what is cached and sent has none."""
+    for url in (
+        f"/api/v1/tracks/{catalog['tracks']['hells']}",
+        "/api/v1/tracks/popular",
+        "/api/v1/search?q=hells",
+    ):
+        resp = await client.get(url)
+        assert resp.status == 200
+        body = await resp.read()
+        assert body == orjson.dumps(orjson.loads(body)), url
 
 
 async def test_track_without_renditions_has_empty_list(
