@@ -23,6 +23,7 @@ Choices made where the contract leaves room:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -125,11 +126,21 @@ def parse_formats(format_param: str | None, accept: str | None) -> tuple[str, ..
     The `format=` query (comma list, in preference order) wins when it names a known format;
     else the Accept header by q-value; else `DEFAULT_FORMATS`.
     """
+    if len(format_param or "") + len(accept or "") <= MAX_REMEMBERED_FORMATS:
+        return _remembered_formats(format_param, accept)  # (players repeat theirs)
+    return _parse_formats(format_param, accept)
+
+
+def _parse_formats(format_param: str | None, accept: str | None) -> tuple[str, ...]:
     if format_param is not None and (names := _formats_from_query(format_param)):
         return names
     if accept is not None and (names := _formats_from_accept(accept)):
         return names
     return DEFAULT_FORMATS
+
+
+MAX_REMEMBERED_FORMATS = 256
+_remembered_formats = functools.lru_cache(maxsize=1024)(_parse_formats)
 
 
 def _formats_from_query(value: str) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -51,8 +52,20 @@ def device_session_id(secret: bytes, user_id: str, device: str) -> str:
     """The session of a player that sends no `sid`: one per user and device (client address and
     User-Agent), so its range requests and next tracks continue one session instead of opening
     a new one each (and hitting the concurrent-stream limit). Keyed, so not guessable."""
+    if len(user_id) + len(device) <= MAX_REMEMBERED_DEVICE:
+        return _remembered_device_session_id(secret, user_id, device)
+    return _device_session_id(secret, user_id, device)
+
+
+def _device_session_id(secret: bytes, user_id: str, device: str) -> str:
     digest = hmac.new(secret, f"{user_id}\x00{device}".encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+
+
+# A player asks again and again from one device: one HMAC for it, not one a request. Bounded in
+# entries and, with the length limit, in bytes (4096 x 512 characters at most).
+MAX_REMEMBERED_DEVICE = 512
+_remembered_device_session_id = functools.lru_cache(maxsize=4096)(_device_session_id)
 
 
 def valid_session_id(sid: str) -> bool:
@@ -173,15 +186,6 @@ def _abandon(batch: list[tuple[_Call, asyncio.Future[Any] | None]], _: object) -
             answer.cancel()  # a no-op for an answer already given
 
 
-def _encode(arg: str | int | float) -> bytes:
-    """An argument as redis-py's encoder writes it."""
-    if type(arg) is str:
-        return arg.encode()
-    if type(arg) is int:
-        return b"%d" % arg
-    return repr(arg).encode()
-
-
 class ScriptBatch:
     """Calls of one Lua script made during one event-loop iteration, sent to Redis together in
     one pipeline right after it; each caller still gets its own answer.
@@ -284,11 +288,14 @@ class ScriptBatch:
         try:
             await conn.send_packed_command(self._pack(calls))
             results: list[Any] = []
-            for _ in calls:
-                try:
-                    results.append(await conn.read_response())
-                except ResponseError as exc:  # this call's error (NOSCRIPT, a script error)
-                    results.append(exc)
+            # One deadline for all the batch's replies (the connection's socket timeout), not
+            # a timer set and cancelled per reply, as redis-py's read_response does by default.
+            async with asyncio.timeout(conn.socket_timeout):
+                for _ in calls:
+                    try:
+                        results.append(await conn.read_response(timeout=math.inf))
+                    except ResponseError as exc:  # this call's error (NOSCRIPT, a script error)
+                        results.append(exc)
         except BaseException:
             # A reply left unread would answer the connection's next user: drop it.
             await conn.disconnect()
@@ -301,11 +308,14 @@ class ScriptBatch:
         parts: list[bytes] = []
         head = self._head
         for n_keys, keys, args in calls:
-            parts.append(b"*%d\r\n" % (3 + len(keys) + len(args)))
-            parts.append(head)
-            for arg in (n_keys, *keys, *args):
-                data = _encode(arg)
-                parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+            words = [str(n_keys), *keys, *[a if type(a) is str else str(a) for a in args]]
+            text = "".join([f"${len(word)}\r\n{word}\r\n" for word in words])
+            if text.isascii():  # (then a word's length in characters is its length in bytes)
+                body = text.encode()
+            else:
+                data = [word.encode() for word in words]
+                body = b"".join([b"$%d\r\n%s\r\n" % (len(d), d) for d in data])
+            parts.append(b"*%d\r\n%s%s" % (len(words) + 2, head, body))
         return b"".join(parts)
 
     def _lost(self, count: int, error: str) -> None:

@@ -38,22 +38,19 @@ MIN_MEASURED_BYTES = 64 * 1024
 class TrackInfo:
     """A track's cached JSON, parsed once per ETag (the hot path never re-decodes it)."""
 
-    __slots__ = ("duration_s", "id", "renditions")
+    __slots__ = ("_by_rendition", "duration_s", "id", "ladder", "renditions")
 
     def __init__(self, doc: dict[str, Any]) -> None:
         self.id: int = doc["id"]
         self.duration_s: float = doc["duration_ms"] / 1000
         self.renditions: list[dict[str, Any]] = doc["renditions"]
+        self.ladder = [quality.Rendition(r["format"], r["bitrate_kbps"]) for r in self.renditions]
+        self._by_rendition: dict[quality.Rendition, dict[str, Any]] = {}
+        for rung, item in zip(self.ladder, self.renditions, strict=True):
+            self._by_rendition.setdefault(rung, item)  # (the first of equals, as before)
 
     def find(self, r: quality.Rendition) -> dict[str, Any]:
-        for item in self.renditions:
-            if item["format"] == r.format and item["bitrate_kbps"] == r.bitrate_kbps:
-                return item
-        raise KeyError(r)
-
-    @property
-    def ladder(self) -> list[quality.Rendition]:
-        return [quality.Rendition(r["format"], r["bitrate_kbps"]) for r in self.renditions]
+        return self._by_rendition[r]
 
 
 class TrackInfos:

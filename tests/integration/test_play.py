@@ -353,6 +353,22 @@ async def test_player_without_sid_continues_one_session(
     assert other.headers["X-Stream-Session"] != first.headers["X-Stream-Session"]
 
 
+async def test_a_device_is_its_user_agent_also_when_that_is_long(
+    make_client: MakeClient, playable: dict[str, Any]
+) -> None:
+    """Devices with short User-Agents are remembered (no HMAC per request), long ones are not:
+    either way a device keeps its session and two devices have two."""
+    client = await make_client()
+    sids = {}
+    for agent in ("player/1", "p" * 2000, "q" * 2000):  # (premium: 3 streams at once)
+        first = await play(client, playable["tracks"]["hells"], headers={"User-Agent": agent})
+        again = await play(client, playable["tracks"]["shoot"], headers={"User-Agent": agent})
+        assert first.status == again.status == 302
+        assert first.headers["X-Stream-Session"] == again.headers["X-Stream-Session"]
+        sids[agent] = first.headers["X-Stream-Session"]
+    assert len(set(sids.values())) == 3
+
+
 async def test_another_users_sid_is_403(
     make_client: MakeClient,
     playable: dict[str, Any],

@@ -223,3 +223,30 @@ async def test_a_restarted_redis_closed_the_connection_and_forgot_the_script(
         assert second is not None and await second == f"two{name}".encode()
     finally:
         await own.aclose()
+
+
+async def test_a_redis_that_stops_answering_fails_the_batch_and_the_next_one_works(
+    redis_client: aioredis.Redis, servers: Servers
+) -> None:
+    """The batch's replies share one deadline (the socket timeout): when Redis stops answering
+    (here paused for real), every caller hears of it, and the connection that still owes replies
+    is dropped, so a later batch reads its own answers and not the late ones."""
+    own = aioredis.Redis.from_url(servers.redis_url, socket_timeout=0.2)
+    try:
+        batch = ScriptBatch(own, "return ARGV[1]")
+        await own.script_load(batch.script)
+        first = batch.call([], ("one",))
+        assert first is not None and await first == b"one"
+        await redis_client.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+        try:
+            answers = [batch.call([], (f"paused-{n}",)) for n in range(3)]
+            results = await asyncio.gather(*(a for a in answers if a), return_exceptions=True)
+        finally:
+            await redis_client.execute_command("CLIENT", "UNPAUSE")
+        assert len(results) == 3
+        assert all(isinstance(r, TimeoutError) for r in results), results
+        again = batch.call([], ("after",))
+        assert again is not None and await again == b"after"
+        assert batch.batches == 3
+    finally:
+        await own.aclose()

@@ -465,6 +465,13 @@ def test_parse_formats(query: str | None, accept: str | None, formats: tuple[str
     assert parse_formats(query, accept) == formats
 
 
+def test_parse_formats_of_a_long_header_is_not_remembered_but_still_parsed() -> None:
+    long_accept = "audio/flac;q=0.9, " + ", ".join(f"x/y{n};q=0.1" for n in range(100))
+    assert len(long_accept) > 256
+    assert parse_formats(None, long_accept) == ("flac",)
+    assert parse_formats("flac,aac" + "," * 300, None) == ("flac", "aac")
+
+
 # --- parse_bandwidth -----------------------------------------------------------------------------
 
 NOW = 10_000.0
