@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Two loads at the same moment: a ratio this machine's noise does not move much. Two `edge serve`
+# processes share CPU 0 (the kernel gives each half), each with its own wrk on CPU 1, started
+# together; a round gives each side's Edge CPU per request over the same seconds, so a slow
+# stretch of the machine slows both sides alike. Rounds run back to back, their ratios are
+# printed one by one and as a median. (Runs of one load after the other, minutes or even
+# seconds apart, moved by up to 40% here; these ratios, by a few percent.)
+#
+#   A=healthz B=track bash bench/pair.sh                    # the catalog target (issue 2)
+#   A=healthz B=redirect bash bench/pair.sh                 # the /play redirect target (issue 3)
+#   A=healthz B=healthz B_ENV="EDGE_OBSERVE=false EDGE_LOG_LEVEL=WARNING" A_ENV=EDGE_LOG_LEVEL=INFO \
+#       bash bench/pair.sh                                  # metrics and logging (issue 4)
+#   A=track B=track B_CODE=/tmp/old bash bench/pair.sh      # this code against another checkout
+#
+# Loads: healthz; track (GET /api/v1/tracks/{id} over the hot ids, warm cache); popular
+# (GET /api/v1/tracks/popular); redirect (GET /play/{id}, USERS player tokens, local signer).
+# A_CODE/B_CODE: the checkout whose edge/ package a side runs (default this one); A_ENV/B_ENV:
+# its extra environment (words NAME=VALUE). Between rounds the sides swap which wrk starts
+# first. The catalog is $BENCH_DB (default edge_bench: bench/catalog.sh makes it; SEED=N makes a
+# small one here instead, e.g. SEED=2000). Needs wrk, PostgreSQL and Redis (BENCH_PG,
+# BENCH_REDIS: default the local ones), and 2+ CPUs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+here=$PWD
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 2; }
+A=${A:-healthz} B=${B:-track}
+ROUNDS=${ROUNDS:-6} DURATION=${DURATION:-5} CONNECTIONS=${CONNECTIONS:-32} USERS=${USERS:-500}
+BENCH_DB=${BENCH_DB:-edge_bench}
+export DATABASE_URL=${BENCH_PG:-postgresql://postgres@127.0.0.1:5432}/$BENCH_DB
+export REDIS_URL=${BENCH_REDIS:-redis://127.0.0.1:6379/0}
+export EDGE_JWT_SECRET=pair-bench-secret-0123456789abcdef EDGE_MEDIA_SECRET=pair-bench-media-0123456789
+export EDGE_STREAM_LIMITS=free=100000,premium=100000,hifi=100000 EDGE_LOG_FORMAT=json
+export EDGE_DATA_DIR=${EDGE_DATA_DIR:-$here/bench/out/pair/data}
+python=$(python3 -c 'import sys; print(sys.executable)')
+out=bench/out/pair
+mkdir -p "$out"
+if [[ -n ${SEED:-} ]]; then
+    psql -qX "${BENCH_PG:-postgresql://postgres@127.0.0.1:5432}/postgres" \
+        -c "DROP DATABASE IF EXISTS $BENCH_DB WITH (FORCE)" -c "CREATE DATABASE $BENCH_DB"
+    edge migrate >/dev/null 2>&1 && edge seed --tracks "$SEED" --audio 2 >"$out/seed.log" 2>&1
+fi
+# Hot ids (tracks with renditions, so a redirect has something to sign) and player tokens.
+psql -XAtq "$DATABASE_URL" -c "SELECT id FROM tracks WHERE id IN (SELECT track_id FROM renditions)
+    ORDER BY random() LIMIT 1000" >"$out/ids.txt"
+[[ -s $out/ids.txt ]] || { echo "no tracks in $BENCH_DB: run bench/catalog.sh, or SEED=2000" >&2; exit 2; }
+awk '{print "/play/" $1}' "$out/ids.txt" >"$out/paths-redirect.txt"
+awk '{print "/api/v1/tracks/" $1}' "$out/ids.txt" >"$out/paths-track.txt"
+echo /healthz >"$out/paths-healthz.txt"
+echo /api/v1/tracks/popular >"$out/paths-popular.txt"
+"$python" - "$EDGE_JWT_SECRET" "$USERS" "$out/players.txt" <<'PY'
+import sys
+from edge.auth import issue
+secret, users, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+formats = ["", "format=aac", "format=mp3,aac", "format=flac,aac"]
+with open(path, "w") as f:
+    for i in range(users):
+        tier, query = ("free", "premium", "hifi")[i % 3], formats[(i // 3) % len(formats)]
+        f.write(issue(secret, f"pair-{i}", tier, 7200) + (f" {query}" if query else "") + "\n")
+PY
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+declare -A port pid load
+load[A]=$A load[B]=$B
+cleanup() { for p in "${pid[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+for side in A B; do
+    code_var=${side}_CODE env_var=${side}_ENV
+    code=${!code_var:-$here}
+    port[$side]=$(free_port)
+    # shellcheck disable=SC2086  # the variables are words on purpose
+    (cd "$code" && exec env EDGE_LOG_LEVEL=WARNING ${!env_var:-} EDGE_PORT="${port[$side]}" \
+        EDGE_REDIS_KEY_PREFIX="pair-$side-$$:" taskset -c 0 "$python" -m edge serve) \
+        >"$out/$side.log" 2>&1 &
+    pid[$side]=$!
+done
+warm() {  # side: every hot track once, so track and redirect loads hit a warm cache
+    "$python" - "http://127.0.0.1:${port[$1]}" "$out/ids.txt" <<'PY'
+import sys, urllib.request
+base, ids = sys.argv[1], open(sys.argv[2]).read().split()
+for track in ids:
+    urllib.request.urlopen(f"{base}/api/v1/tracks/{track}").read()
+urllib.request.urlopen(f"{base}/api/v1/tracks/popular").read()
+PY
+}
+for side in A B; do
+    for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:${port[$side]}/healthz" >/dev/null && break; sleep 0.1; done
+    warm "$side"
+done
+wrk_run() {  # side seconds: prints the number of requests wrk completed
+    local paths=$out/paths-${load[$1]}.txt tokens=- text
+    [[ ${load[$1]} == redirect ]] && tokens=$out/players.txt
+    text=$(taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"$2s" -s bench/play/wrk/rotate.lua \
+        "http://127.0.0.1:${port[$1]}" -- "$paths" "$tokens")
+    if grep -q "Non-2xx" <<<"$text"; then  # (a 302 is not one)
+        echo "side $1 (${load[$1]}): error responses" >&2; exit 1
+    fi
+    awk '/requests in/ {print $1}' <<<"$text"
+}
+ticks() { awk '{print $14 + $15}' "/proc/${pid[$1]}/stat"; }
+: >"$out/rounds.txt"
+for r in $(seq 1 "$ROUNDS"); do
+    first=A second=B
+    (( r % 2 == 0 )) && first=B second=A
+    a0=$(ticks A) b0=$(ticks B)
+    wrk_run "$first" "$DURATION" >"$out/n-$first" &
+    w=$!
+    wrk_run "$second" "$DURATION" >"$out/n-$second"
+    wait "$w"
+    a1=$(ticks A) b1=$(ticks B)
+    echo "$r $(cat "$out/n-A") $((a1 - a0)) $(cat "$out/n-B") $((b1 - b0))" | tee -a "$out/rounds.txt"
+done
+"$python" - "$out/rounds.txt" "$A${A_ENV:+ [$A_ENV]}${A_CODE:+ @$A_CODE}" \
+    "$B${B_ENV:+ [$B_ENV]}${B_CODE:+ @$B_CODE}" "$(getconf CLK_TCK)" <<'PY'
+import statistics, sys
+rows = [list(map(int, line.split())) for line in open(sys.argv[1]) if line.strip()]
+name_a, name_b, hz = sys.argv[2], sys.argv[3], int(sys.argv[4])
+cost = lambda n, t: t * 1e6 / hz / n  # Edge CPU µs per request
+ratios = []
+for r, na, ta, nb, tb in rows:
+    ca, cb = cost(na, ta), cost(nb, tb)
+    ratios.append(ca / cb)
+    print(f"round {r}: A {na / ta * hz:.0f} req per CPU-second ({ca:.1f} µs), "
+          f"B {nb / tb * hz:.0f} ({cb:.1f} µs): B/A throughput per CPU {ca / cb:.1%}")
+print(f"A = {name_a}\nB = {name_b}")
+print(f"A: {statistics.median(cost(r[1], r[2]) for r in rows):.1f} µs CPU/request, "
+      f"B: {statistics.median(cost(r[3], r[4]) for r in rows):.1f} (medians)")
+print(f"B's throughput as a share of A's (per CPU second, same seconds): "
+      f"median {statistics.median(ratios):.1%}, rounds {min(ratios):.1%}..{max(ratios):.1%}")
+PY
