@@ -169,6 +169,32 @@ def test_bodies_arrive_exactly_and_connections_are_reused(run: Any) -> None:
     run(main())
 
 
+def test_every_connection_in_use_times_out_and_a_released_one_serves_again(run: Any) -> None:
+    """At most `limit` requests at once: one more waits for a slot no longer than the connect
+    timeout, then fails as a timeout (a 504 for the player); a response let go frees its slot."""
+
+    async def main() -> None:
+        seen: list[object] = []
+        async with TestServer(file_app(seen), host="127.0.0.1") as server:
+            origins = pool(limit=1, connect_timeout=0.2)
+            url = str(server.make_url("/a.flac"))
+            held = await origins.get(url, {})
+            assert held.status == 200
+            with pytest.raises(OriginError) as failed:
+                await origins.get(url, {"Range": "bytes=0-9"})
+            assert failed.value.kind == "timeout"
+            assert "every origin connection is in use" in failed.value.message
+            held.close()
+            again = await origins.get(url, {"Range": "bytes=0-9"})
+            sink = Collect()
+            assert await again.pipe(sink, 10) == 10
+            assert bytes(sink.data) == BODY[:10]
+            await origins.close()
+        assert len(seen) == 2  # the request that found no slot never reached the origin
+
+    run(main())
+
+
 def test_chunked_bodies_are_decoded_across_any_split(run: Any) -> None:
     payload = BODY[:50_000]
     chunks = [payload[:1], payload[1:4097], payload[4097:30000], payload[30000:]]
