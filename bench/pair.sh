@@ -37,7 +37,9 @@ mkdir -p "$out"
 if [[ -n ${SEED:-} ]]; then
     psql -qX "${BENCH_PG:-postgresql://postgres@127.0.0.1:5432}/postgres" \
         -c "DROP DATABASE IF EXISTS $BENCH_DB WITH (FORCE)" -c "CREATE DATABASE $BENCH_DB"
-    edge migrate >/dev/null 2>&1 && edge seed --tracks "$SEED" --audio 2 >"$out/seed.log" 2>&1
+    "$python" -m edge migrate >"$out/seed.log" 2>&1 || { cat "$out/seed.log" >&2; exit 1; }
+    "$python" -m edge seed --tracks "$SEED" --audio 2 >>"$out/seed.log" 2>&1 \
+        || { cat "$out/seed.log" >&2; exit 1; }
 fi
 # Hot ids (tracks with renditions, so a redirect has something to sign) and player tokens.
 psql -XAtq "$DATABASE_URL" -c "SELECT id FROM tracks WHERE id IN (SELECT track_id FROM renditions)
@@ -61,14 +63,15 @@ PY
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 declare -A port pid load
 load[A]=$A load[B]=$B
-cleanup() { for p in "${pid[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() { for p in ${pid[@]+"${pid[@]}"}; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 for side in A B; do
     code_var=${side}_CODE env_var=${side}_ENV
     code=${!code_var:-$here}
     port[$side]=$(free_port)
     # shellcheck disable=SC2086  # the variables are words on purpose
-    (cd "$code" && exec env EDGE_LOG_LEVEL=WARNING ${!env_var:-} EDGE_PORT="${port[$side]}" \
+    # (One worker: the CPU counted is this process's own.)
+    (cd "$code" && exec env EDGE_LOG_LEVEL=WARNING ${!env_var:-} EDGE_WORKERS=1 EDGE_PORT="${port[$side]}" \
         EDGE_REDIS_KEY_PREFIX="pair-$side-$$:" taskset -c 0 "$python" -m edge serve) \
         >"$out/$side.log" 2>&1 &
     pid[$side]=$!
@@ -91,8 +94,8 @@ wrk_run() {  # side seconds: prints the number of requests wrk completed
     [[ ${load[$1]} == redirect ]] && tokens=$out/players.txt
     text=$(taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"$2s" -s bench/play/wrk/rotate.lua \
         "http://127.0.0.1:${port[$1]}" -- "$paths" "$tokens")
-    if grep -q "Non-2xx" <<<"$text"; then  # (a 302 is not one)
-        echo "side $1 (${load[$1]}): error responses" >&2; exit 1
+    if grep -qE "Non-2xx|Socket errors" <<<"$text"; then  # (a 302 is not one)
+        echo "side $1 (${load[$1]}): error responses or socket errors" >&2; echo "$text" >&2; exit 1
     fi
     awk '/requests in/ {print $1}' <<<"$text"
 }

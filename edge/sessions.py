@@ -28,6 +28,7 @@ import orjson
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from edge.cache import TTL_SESSION, session_key
 
@@ -39,6 +40,7 @@ log = structlog.get_logger(__name__)
 
 ACTIVE_GRACE_SECONDS = 30
 MAX_PENDING_CALLS = 10_000  # script calls waiting for their pipeline, at most
+REPLIES_PER_TIMEOUT = 64  # a batch's replies may take the socket timeout per this many
 PLAYS_QUEUE = "plays:queue"
 # Every active stream of the cluster (sid scored by when it stops counting), for the gauge.
 ACTIVE_ALL = "streaming:active"
@@ -288,14 +290,25 @@ class ScriptBatch:
         try:
             await conn.send_packed_command(self._pack(calls))
             results: list[Any] = []
-            # One deadline for all the batch's replies (the connection's socket timeout), not
-            # a timer set and cancelled per reply, as redis-py's read_response does by default.
-            async with asyncio.timeout(conn.socket_timeout):
-                for _ in calls:
-                    try:
-                        results.append(await conn.read_response(timeout=math.inf))
-                    except ResponseError as exc:  # this call's error (NOSCRIPT, a script error)
-                        results.append(exc)
+            # One deadline for the batch's replies, not a timer set and cancelled per reply as
+            # redis-py's read_response does by default (the redis-py installed here skips it for
+            # timeout=inf; older ones still set one, harmlessly). The socket timeout for each
+            # REPLIES_PER_TIMEOUT replies: a big batch on a busy but healthy Redis is not
+            # taken for a dead one.
+            timeout = conn.socket_timeout
+            if timeout is not None:
+                timeout *= -(-len(calls) // REPLIES_PER_TIMEOUT)
+            try:
+                async with asyncio.timeout(timeout):
+                    for _ in calls:
+                        try:
+                            results.append(await conn.read_response(timeout=math.inf))
+                        except ResponseError as exc:  # this call's error (NOSCRIPT, ...)
+                            results.append(exc)
+            except TimeoutError:
+                raise RedisTimeoutError(
+                    f"Timeout reading {len(calls)} replies from Redis"
+                ) from None
         except BaseException:
             # A reply left unread would answer the connection's next user: drop it.
             await conn.disconnect()

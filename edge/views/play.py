@@ -44,7 +44,9 @@ class TrackInfo:
         self.id: int = doc["id"]
         self.duration_s: float = doc["duration_ms"] / 1000
         self.renditions: list[dict[str, Any]] = doc["renditions"]
-        self.ladder = [quality.Rendition(r["format"], r["bitrate_kbps"]) for r in self.renditions]
+        self.ladder = tuple(
+            quality.Rendition(r["format"], r["bitrate_kbps"]) for r in self.renditions
+        )
         self._by_rendition: dict[quality.Rendition, dict[str, Any]] = {}
         for rung, item in zip(self.ladder, self.renditions, strict=True):
             self._by_rendition.setdefault(rung, item)  # (the first of equals, as before)
