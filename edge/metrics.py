@@ -154,14 +154,6 @@ class HttpStats(Collector):
         self._names = _RouteNames()
         self._timer: asyncio.TimerHandle | None = None
 
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        """One response at once (the middleware's go through rows, in batches)."""
-        entry = self.entries.get((route, method, status))
-        if entry is None:
-            entry = self.entries[route, method, status] = [0] * (len(self.bounds) + 2)
-        entry[bisect_left(self.bounds, seconds)] += 1
-        entry[-1] += seconds
-
     def schedule(self) -> None:
         """The middleware added the first row of a batch: settle it soon."""
         self._timer = asyncio.get_running_loop().call_later(self.SETTLE_SECONDS, self.settle)

@@ -21,6 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from edge.metrics import Metrics
 from edge.settings import Settings
+from tests.counted import count_response
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -123,7 +124,7 @@ def exported() -> dict[str, set[str]]:
         # A labelled metric exports nothing until a child exists; make one per family.
         if isinstance(collector, MetricWrapperBase) and collector._labelnames:
             collector.labels(*("probe" for _ in collector._labelnames))
-    metrics.http.observe("probe", "GET", 200, 0.001)
+    count_response(metrics.http, "probe", "GET", 200, 0.001)
     names: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         labels = names.setdefault(family.name, set())

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge import logs
 from edge.alerts import histogram_quantile, is_response_time
 from edge.metrics import HttpStats, Metrics, merge_expositions
+from tests.counted import count_response
 
 
 def families(stats: HttpStats) -> dict[str, list[tuple[dict[str, str], float, str]]]:
@@ -35,7 +36,7 @@ def families(stats: HttpStats) -> dict[str, list[tuple[dict[str, str], float, st
 def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
     stats = HttpStats(buckets=(0.001, 0.01, 0.1))
     for seconds in (0.0005, 0.001, 0.002, 0.01, 0.5, 3.0):
-        stats.observe("api_track", "GET", 200, seconds)
+        count_response(stats, "api_track", "GET", 200, seconds)
     samples = families(stats)["edge_http_request_duration_seconds"]
     buckets = {labels["le"]: value for labels, value, name in samples if name.endswith("_bucket")}
     # A value equal to a bound counts in that bucket (Prometheus' le is "less or equal").
@@ -48,11 +49,11 @@ def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
 
 def test_status_classes_and_responses_by_status() -> None:
     stats = HttpStats()
-    stats.observe("play", "GET", 302, 0.001)
-    stats.observe("play", "GET", 302, 0.001)
-    stats.observe("play", "GET", 404, 0.001)
-    stats.observe("play", "GET", 499, 0.001)
-    stats.observe("media", "HEAD", 206, 0.001)
+    count_response(stats, "play", "GET", 302, 0.001)
+    count_response(stats, "play", "GET", 302, 0.001)
+    count_response(stats, "play", "GET", 404, 0.001)
+    count_response(stats, "play", "GET", 499, 0.001)
+    count_response(stats, "media", "HEAD", 206, 0.001)
     fams = families(stats)
     responses = {
         (labels["route"], labels["method"], labels["status"]): value
@@ -172,7 +173,7 @@ def worker_exposition(requests: int, memory: float, sessions: int, started: floa
     """One worker's /metrics, from the real Metrics class after some traffic."""
     metrics = Metrics()
     for _ in range(requests):
-        metrics.http.observe("play", "GET", 302, 0.002)
+        count_response(metrics.http, "play", "GET", 302, 0.002)
     metrics.cache_requests.labels("track", "l1", "hit").inc(requests)
     metrics.active_sessions.set(sessions)
     metrics.redis_up.set(1)
