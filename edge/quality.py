@@ -28,7 +28,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 __all__ = [
     "BUFFER_WINDOW_S",
@@ -90,8 +90,9 @@ class NoPlayableRendition(ValueError):
     """The tier allows none of the track's renditions (e.g. a flac-only track for a free user)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Rendition:
+class Rendition(NamedTuple):
+    """(A tuple: hashed in C, as a ladder of them is on every /play.)"""
+
     format: str  # mp3 | aac | flac
     bitrate_kbps: int
 
@@ -267,6 +268,13 @@ def buffer_step(recent_buffer_events: int, last_buffer_at: float | None, now: fl
     return max(0, min(recent_buffer_events, MAX_BUFFER_STEP))
 
 
+# Choices made, by all of choose's arguments: players repeat theirs (a tier, a track's ladder, a
+# format list, mostly no bandwidth estimate), and a choice costs more than the rest of a
+# redirect's handler. Oldest out first past the size.
+_CHOSEN: dict[tuple[object, ...], Choice] = {}
+CHOSEN_SIZE: Final = 4096
+
+
 def choose(
     tier: Tier,
     available: Sequence[Rendition],
@@ -283,6 +291,26 @@ def choose(
     bandwidth and buffering. Otherwise the highest rung whose bitrate * `HEADROOM` fits the
     bandwidth (the lowest if none does), then `step_down` rungs lower.
     """
+    if type(available) is not tuple or type(accepted) is not tuple:
+        return _choose(tier, available, accepted, bandwidth_kbps, step_down, requested_bitrate)
+    key = (tier, available, accepted, bandwidth_kbps, step_down, requested_bitrate)
+    found = _CHOSEN.get(key)
+    if found is None:
+        found = _choose(tier, available, accepted, bandwidth_kbps, step_down, requested_bitrate)
+        if len(_CHOSEN) >= CHOSEN_SIZE:
+            del _CHOSEN[next(iter(_CHOSEN))]
+        _CHOSEN[key] = found
+    return found
+
+
+def _choose(
+    tier: Tier,
+    available: Sequence[Rendition],
+    accepted: Sequence[str],
+    bandwidth_kbps: float | None,
+    step_down: int,
+    requested_bitrate: int | None,
+) -> Choice:
     allowed = [r for r in available if tier_allows(tier, r)]
     if not allowed:
         raise NoPlayableRendition(f"no rendition of this track is allowed for tier {tier}")

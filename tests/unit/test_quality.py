@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge import quality
 from edge.quality import (
     DEFAULT_FORMATS,
     FORMATS,
@@ -362,6 +363,28 @@ def test_choice_is_a_frozen_value() -> None:
     assert choice == Choice(MP3_320, None, choice.reason)
     with pytest.raises(AttributeError):
         choice.downgraded = "tier"  # type: ignore[misc]
+
+
+def test_a_remembered_choice_is_the_one_made_afresh() -> None:
+    # Tuples are remembered (the /play path), lists are not: every corner of the grid, asked
+    # twice, with and without a buffering step, gives what a fresh choice gives.
+    for tier, accepted, bandwidth, _ in GRID_CASES:
+        for step in (0, 1, 2):
+            fresh = choose(tier, list(FULL), list(accepted), bandwidth, step)
+            assert choose(tier, FULL, accepted, bandwidth, step) == fresh
+            assert choose(tier, FULL, accepted, bandwidth, step) == fresh
+    assert choose("free", FULL, ("mp3",), requested_bitrate=320).downgraded == "tier"
+    assert choose("hifi", FULL, ("mp3",), requested_bitrate=320).downgraded is None
+
+
+def test_remembered_choices_are_bounded() -> None:
+    for n in range(quality.CHOSEN_SIZE + 500):
+        choose("premium", FULL, ("mp3", "aac"), 100.0 + n)
+    assert len(quality._CHOSEN) == quality.CHOSEN_SIZE
+    # The newest are kept, and still right.
+    assert choose("premium", FULL, ("mp3", "aac"), 100.0 + quality.CHOSEN_SIZE + 499).rendition == (
+        MP3_320
+    )
 
 
 # --- buffer_step ---------------------------------------------------------------------------------
