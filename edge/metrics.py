@@ -327,8 +327,9 @@ class Metrics:
             registry=r,
         )
         # Streaming.
-        self.sessions_started = Counter(
-            "edge_stream_sessions_started", "Streaming sessions created", ["tier"], registry=r
+        # (Counted on every /play: plain counters, as the cache's.)
+        self.sessions_started = LoopCounter(
+            "edge_stream_sessions_started", "Streaming sessions created", ["tier"], r
         )
         self.stream_rejections = Counter(
             "edge_stream_rejections", "/play requests refused, by reason", ["reason"], registry=r
@@ -361,20 +362,14 @@ class Metrics:
         self.client_disconnects = Counter(
             "edge_client_disconnects", "Clients gone mid-body", ["route"], registry=r
         )
-        self.signatures = Counter(
-            "edge_signed_urls", "Signed URLs by how they were obtained", ["result"], registry=r
+        self.signatures = LoopCounter(
+            "edge_signed_urls", "Signed URLs by how they were obtained", ["result"], r
         )
-        self.quality_chosen = Counter(
-            "edge_stream_quality",
-            "Renditions chosen by /play",
-            ["format", "bitrate"],
-            registry=r,
+        self.quality_chosen = LoopCounter(
+            "edge_stream_quality", "Renditions chosen by /play", ["format", "bitrate"], r
         )
-        self.downgrades = Counter(
-            "edge_stream_downgrades",
-            "Choices below what was asked, by reason",
-            ["reason"],
-            registry=r,
+        self.downgrades = LoopCounter(
+            "edge_stream_downgrades", "Choices below what was asked, by reason", ["reason"], r
         )
         self.player_events = Counter(
             "edge_player_events",

@@ -159,7 +159,7 @@ async def test_a_batch_cancelled_before_it_ran_leaves_nobody_waiting(
 async def test_packed_arguments_reach_redis_as_redis_py_sends_them(
     redis_client: aioredis.Redis,
 ) -> None:
-    """The batch packs its commands itself: text (any script), integers and floats arrive as
+    """The batch packs its commands (hiredis, not redis-py): text, integers and floats arrive as
     they would through redis-py, a call whose script fails gets its own error, and the
     connection stays in step for the calls after it."""
     echo = "if ARGV[1] == 'fail' then return redis.error_reply('ERR asked to') end return ARGV"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from edge.metrics import Metrics
+from edge.metrics import LoopCounter, Metrics
 from edge.settings import Settings
 from tests.counted import count_response
 
@@ -124,6 +124,8 @@ def exported() -> dict[str, set[str]]:
         # A labelled metric exports nothing until a child exists; make one per family.
         if isinstance(collector, MetricWrapperBase) and collector._labelnames:
             collector.labels(*("probe" for _ in collector._labelnames))
+        elif isinstance(collector, LoopCounter):
+            collector.labels(*("probe" for _ in collector.labelnames))
     count_response(metrics.http, "probe", "GET", 200, 0.001)
     names: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
