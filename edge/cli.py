@@ -80,6 +80,14 @@ def make_runner(app: web.Application) -> web.AppRunner:
     )
 
 
+# Connections the kernel queues before Edge accepts them (capped by net.core.somaxconn).
+# aiohttp's default, 128, overflowed when a thousand players started at once (and, proxying
+# from Edge's own /media, as many origin connections to the same port): the kernel dropped
+# their SYNs, and clients retried a second later or gave up (504s from proxy mode's 2 s
+# connect timeout). nginx's default is 511.
+LISTEN_BACKLOG = 4096
+
+
 async def _run(app: web.Application, settings: Settings) -> None:
     """Start, serve until SIGINT/SIGTERM, stop. Unlike web.run_app, a start that fails or is
     interrupted half-way still leaves every started resource, in reverse order (runner.cleanup
@@ -89,13 +97,16 @@ async def _run(app: web.Application, settings: Settings) -> None:
     try:
         await runner.setup()
         if settings.worker_dir is None:
-            await web.TCPSite(runner, settings.host, settings.port).start()
+            await web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG).start()
         else:
             # One of `--workers N`: the port is shared with the other workers, and the socket
             # is where they ask for this worker's own metrics (see edge/workers.py).
             from edge.workers import socket_path
 
-            await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
+            site = web.TCPSite(
+                runner, settings.host, settings.port, backlog=LISTEN_BACKLOG, reuse_port=True
+            )
+            await site.start()
             await web.UnixSite(runner, str(socket_path(settings.worker_dir, os.getpid()))).start()
         stop.started()
         log.info(

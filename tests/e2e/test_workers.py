@@ -18,8 +18,10 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from edge.cli import LISTEN_BACKLOG
 from edge.embedded import free_port
 from tests.conftest import Servers
+from tests.e2e.test_zero_config import listen_backlogs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -136,6 +138,9 @@ def test_two_workers_one_port_one_summed_scrape(
     until(lambda: scrape(port).get(("edge_workers", ())) == 2, START_DEADLINE, "two workers up")
     first = workers_of(proc)
     assert len(first) == 2
+    # Each worker's listener (SO_REUSEPORT: one queue each) holds a burst of players.
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert listen_backlogs(port) == [min(LISTEN_BACKLOG, somaxconn)] * 2
 
     # Requests on fresh connections, which the kernel spreads over both listeners.
     before = healthz_count(scrape(port))

@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 import edge
+from edge.cli import LISTEN_BACKLOG
 from edge.embedded import free_port
 from edge.ingest import LADDER, RenditionSpec, object_key
 from edge.seed import DEMO_PLAYLIST, demo_tracks
@@ -357,6 +358,24 @@ def test_healthy_and_ready(demo: Demo) -> None:
     assert ready == {"status": "ready", "checks": {"postgres": "ok", "redis": "ok"}}, run.tail()
     events = run.event_names()
     assert "embedded_postgres_ready" in events and "embedded_redis_ready" in events, run.tail()
+
+
+def listen_backlogs(port: int) -> list[int]:
+    """The accept-queue size of each socket listening on the port (`ss`: a listener's Send-Q)."""
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return [int(line.split()[2]) for line in out.splitlines() if line.strip()]
+
+
+def test_the_listen_queue_holds_a_burst_of_players(demo: Demo) -> None:
+    """A thousand players starting at once overflowed aiohttp's default queue of 128: the
+    kernel dropped their connections for a second or for good."""
+    run = demo.running()
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    expected = min(LISTEN_BACKLOG, somaxconn)
+    assert expected > 128, f"net.core.somaxconn is {somaxconn}: the kernel caps every queue"
+    assert listen_backlogs(run.port) == [expected]
 
 
 def test_demo_catalog(demo: Demo) -> None:
