@@ -37,7 +37,8 @@ class Pipe(Protocol):
 
 # A source gives the body of the whole representation (None) or of one range: chunks to write,
 # or a Pipe.
-Source = Callable[[ByteRange | None], AsyncIterator[bytes] | Pipe]
+Chunk = bytes | bytearray | memoryview
+Source = Callable[[ByteRange | None], AsyncIterator[Chunk] | Pipe]
 
 # Bytes a slow client may have queued in this process (beyond the chunk being written) before
 # the next read from the source waits for it.
@@ -73,6 +74,10 @@ class ClientSink:
         transport.write(data)
         self.written += len(data)
         return not self.protocol.writing_paused
+
+    def unsent(self) -> int:
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     async def drain(self) -> None:
         await self.writer.drain()
@@ -165,7 +170,7 @@ async def send(
 async def _pump(
     response: web.StreamResponse,
     writer: AbstractStreamWriter,
-    chunks: AsyncIterator[bytes] | Pipe,
+    chunks: AsyncIterator[Chunk] | Pipe,
     expected: int,
     sent_before: int,
     sink: ClientSink,

@@ -8,17 +8,19 @@ folder: no `..`, no encoded slashes or NULs, no symlinks.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import errno
 import hashlib
 import mimetypes
 import os
 import re
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import structlog
 from aiohttp import web
@@ -26,13 +28,12 @@ from aiohttp import web
 from edge import keys
 from edge.errors import ApiError
 from edge.ranges import ByteRange, resolve
-from edge.streaming import Representation, Source, head_response, send
+from edge.streaming import Chunk, Representation, Source, head_response, send
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
-_CHUNK = 64 * 1024  # per read: memory per stream stays small with many slow players
 _TYPES = {".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".flac": "audio/flac"}
 
 
@@ -72,56 +73,131 @@ def _safe_path(request: web.Request, root: Path) -> Path:
     key = request.match_info["key"]
     if not _SAFE_KEY.match(key) or ".." in key.split("/"):
         raise ApiError(400, "bad_key", "not a media key")
-    path = root / key
-    # realpath follows every symlink: anything that is, or passes through, a link is refused.
-    if os.path.realpath(path) != os.path.join(os.path.realpath(root), key):
-        raise ApiError(404, "not_found", "media not found")
-    return path
+    return root / key
 
 
-def _file_chunks(path: Path) -> Source:
-    async def read(part: ByteRange | None) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        start, remaining = (0, -1) if part is None else (part.start, part.length)
-        size = _CHUNK if remaining < 0 else min(_CHUNK, remaining)
-        # Open, seek and the first read in one trip to a worker thread: with a thousand players
-        # starting at once, each trip waits in the executor's queue.
-        opening = loop.run_in_executor(None, _open_at, path, start, size)
-        try:
-            f, block = await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            # The open goes on in its thread: close what it opens.
-            opening.add_done_callback(_close_opened)
-            raise
-        try:
-            while True:
-                if not block:
-                    return
-                remaining -= len(block) if remaining > 0 else 0
-                yield block
-                if remaining == 0:
-                    return
-                size = _CHUNK if remaining < 0 else min(_CHUNK, remaining)
-                block = await loop.run_in_executor(None, f.read, size)
-        finally:
-            f.close()  # closing a read-only file does not block
+class MediaFile:
+    """An open media file, read at offsets (a range never moves a shared file position).
 
-    return read
+    A read is first tried in the event loop with RWF_NOWAIT, which never waits for the disk: it
+    reads what the page cache holds (where a busy edge's hot tracks are) or fails at once, and
+    only then goes to a worker thread. With a thousand players, per-chunk trips to the thread
+    pool queued behind each other until a stream start waited past the proxy's read timeout.
+    Closing waits for a read still running in its thread (a stream cancelled mid-read), so the
+    descriptor is never closed under it and reused by another file."""
+
+    __slots__ = ("_reading", "fd", "st")
+
+    def __init__(self, fd: int, st: os.stat_result) -> None:
+        self.fd = fd
+        self.st = st
+        self._reading: concurrent.futures.Future[bytes] | None = None
+
+    async def read(self, size: int, offset: int) -> bytes | bytearray | memoryview:
+        data = _read_cached(self.fd, size, offset)
+        if data is not None:
+            return data
+        reading = self._reading = _READERS.submit(os.pread, self.fd, size, offset)
+        return await asyncio.wrap_future(reading)
+
+    def close(self) -> None:
+        reading = self._reading
+        if reading is not None and not reading.done():
+            reading.add_done_callback(lambda _: os.close(self.fd))  # once the thread is done
+        else:
+            os.close(self.fd)
 
 
-def _open_at(path: Path, start: int, size: int) -> tuple[BinaryIO, bytes]:
-    f = path.open("rb")
+# Reads the page cache cannot answer at once; a pool of its own, so that they never wait
+# behind other work in the default executor (stats, hashing) or it behind them.
+_READERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="edge-media")
+_nowait = hasattr(os, "RWF_NOWAIT")  # Linux 4.14+; off where a file system refuses it
+
+
+def _read_cached(fd: int, size: int, offset: int) -> bytes | bytearray | memoryview | None:
+    """What the page cache holds of [offset, offset + size), without waiting for the disk, or
+    None. b"" at the end of the file."""
+    global _nowait
+    if not _nowait:
+        return None
+    buffer = bytearray(size)
     try:
-        f.seek(start)
-        return f, f.read(size)
-    except BaseException:
-        f.close()
+        got = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            _nowait = False
+            return None
+        raise
+    if got == size:
+        return buffer
+    return memoryview(buffer)[:got] if got else b""
+
+
+async def open_media(root: Path, path: Path) -> MediaFile:
+    """Open a regular file under root (the symlink check, open and fstat in one worker-thread
+    trip). FileNotFoundError for anything else: missing, a directory, a FIFO, a device, or a
+    path that is, or passes through, a symlink."""
+    opening = asyncio.get_running_loop().run_in_executor(None, _open_regular, root, path)
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        # The open goes on in its thread: close what it opens.
+        opening.add_done_callback(_close_opened)
         raise
 
 
-def _close_opened(done: asyncio.Future[Any]) -> None:
+def _open_regular(root: Path, path: Path) -> MediaFile:
+    # realpath follows every symlink: anything that is, or passes through, a link is refused.
+    if os.path.realpath(path) != os.path.join(os.path.realpath(root), path.relative_to(root)):
+        raise FileNotFoundError(str(path))
+    try:
+        # O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOFOLLOW: no symlink last.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) or exc.errno in (
+            errno.ENOTDIR,
+            errno.EISDIR,
+            errno.ELOOP,
+            errno.ENXIO,
+        ):
+            raise FileNotFoundError(str(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return MediaFile(fd, st)
+
+
+def _close_opened(done: asyncio.Future[MediaFile]) -> None:
     if not done.cancelled() and done.exception() is None:
-        done.result()[0].close()
+        done.result().close()
+
+
+# Bytes asked of the file per read, and so at most held per stream beyond what the transport
+# queues (streaming.CLIENT_WRITE_BUFFER). Reads from the page cache cost a system call, no
+# thread trip, so small reads are cheap. Measured (bench/PLAY_RESULTS.md, session 7): 16 KiB
+# reads here cost 14% less CPU per MiB than 64 KiB reads through the thread pool did, and
+# 1000 slow players proxied from this origin held 201 MB, against 321 MB.
+CHUNK = 16 * 1024
+
+
+def _file_chunks(media: MediaFile) -> Source:
+    async def read(part: ByteRange | None) -> AsyncIterator[Chunk]:
+        offset, end = (0, media.st.st_size) if part is None else (part.start, part.end + 1)
+        while offset < end:
+            block = await media.read(min(CHUNK, end - offset), offset)
+            if not block:
+                return  # the file got shorter: the stream reports a short body
+            offset += len(block)
+            yield block
+
+    return read
 
 
 @routes.route("GET", "/media/{key:.+}", name="media")
@@ -141,31 +217,37 @@ async def media(request: web.Request) -> web.StreamResponse:
     root = app[keys.SETTINGS].media_root
     path = _safe_path(request, root)
     try:
-        st = await asyncio.to_thread(path.stat)
-    except (FileNotFoundError, NotADirectoryError):
+        media = await open_media(root, path)
+    except FileNotFoundError:
         raise ApiError(404, "not_found", "media not found") from None
-    if not path.is_file():
-        raise ApiError(404, "not_found", "media not found")
-    rep = Representation(
-        size=st.st_size,
-        content_type=_TYPES.get(path.suffix)
-        or mimetypes.guess_type(path.name)[0]
-        or "application/octet-stream",
-        etag=await app[ETAGS].get(path, st),
-        last_modified=formatdate(st.st_mtime, usegmt=True),
-    )
-    decision = resolve(
-        request.headers.get("Range"),
-        rep.size,
-        if_range=request.headers.get("If-Range"),
-        etag=rep.etag,
-        last_modified=_mtime(st),
-    )
-    if request.method == "HEAD" or decision.status == 416:
-        return head_response(decision, rep)
-    sent = await send(
-        request, decision, rep, _file_chunks(path), {"Cache-Control": "private, max-age=3600"}
-    )
+    try:
+        st = media.st
+        rep = Representation(
+            size=st.st_size,
+            content_type=_TYPES.get(path.suffix)
+            or mimetypes.guess_type(path.name)[0]
+            or "application/octet-stream",
+            etag=await app[ETAGS].get(path, st),
+            last_modified=formatdate(st.st_mtime, usegmt=True),
+        )
+        decision = resolve(
+            request.headers.get("Range"),
+            rep.size,
+            if_range=request.headers.get("If-Range"),
+            etag=rep.etag,
+            last_modified=_mtime(st),
+        )
+        if request.method == "HEAD" or decision.status == 416:
+            return head_response(decision, rep)
+        sent = await send(
+            request,
+            decision,
+            rep,
+            _file_chunks(media),
+            {"Cache-Control": "private, max-age=3600"},
+        )
+    finally:
+        media.close()
     if sent.outcome == "client_gone":
         app[keys.METRICS].client_disconnects.labels("media").inc()
         log.debug("client_gone", route="media", sent=sent.bytes)

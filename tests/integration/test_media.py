@@ -25,6 +25,7 @@ from edge import keys
 from edge.ingest import RenditionFile
 from edge.settings import Settings
 from edge.signing import LocalSigner, cloudfront_b64encode
+from edge.views import media as media_view
 from tests.conftest import bearer
 from tests.integration.test_proxy import (
     HEAD_CASES,
@@ -342,14 +343,25 @@ def open_fds_to(path: Path) -> int:
     return count
 
 
+@pytest.fixture(params=["page-cache", "threads"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways /media reads a file: in the event loop from the page cache (RWF_NOWAIT), and
+    in worker threads, which is where every read goes when the page cache is refused."""
+    if request.param == "threads":
+        monkeypatch.setattr(media_view, "_nowait", False)
+    return str(request.param)
+
+
 async def test_clients_leaving_early_leave_no_open_files(
+    read_path: str,
     make_client: MakeClient,
     playable: dict[str, Any],
     settings: Settings,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Players that hang up at any moment (right after the headers, or a few KiB in) must not
-    leave a file open behind them, nor a traceback."""
+    leave a file open behind them, nor a traceback. With reads in threads, a read still
+    running when its player leaves closes the file once it is done."""
     big = settings.media_root / "big" / "long.flac"
     big.parent.mkdir(parents=True)
     big.write_bytes(os.urandom(1 << 20) * 16)  # 16 MiB: far more than socket buffers hold
@@ -376,7 +388,48 @@ async def test_clients_leaving_early_leave_no_open_files(
     assert (
         sample(client, "edge_http_requests_total", route="media", method="GET", status="500") == 0
     )
-    assert open_fds_to(big) == 0
+    await eventually(lambda: open_fds_to(big) == 0)  # (a read in a thread closes when done)
     gc.collect()  # a file object dropped unclosed would warn here (ResourceWarning -> error)
     assert open_fds_to(big) == 0
     assert tracebacks(caplog) == []
+
+
+async def test_every_read_path_serves_the_exact_bytes(
+    read_path: str, make_client: MakeClient, settings: Settings
+) -> None:
+    """Whole files, single ranges and several ranges, read in the event loop or in threads,
+    across many read-sized pieces and their edges."""
+    data = os.urandom(5 * media_view.CHUNK + 123)
+    path = settings.media_root / "exact" / "bytes.mp3"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    client = await make_client()
+    url = sign(client, "/media/exact/bytes.mp3")
+    assert (await raw_request(client, url)).body == data
+    for first, last in ((0, 0), (1, media_view.CHUNK), (media_view.CHUNK - 1, len(data) - 1)):
+        resp = await raw_request(client, url, Range=f"bytes={first}-{last}")
+        assert resp.status == 206 and resp.body == data[first : last + 1]
+    resp = await raw_request(client, url, Range="bytes=0-9,70000-70009")
+    assert resp.status == 206 and data[:10] in resp.body and data[70000:70010] in resp.body
+
+
+async def test_what_is_not_a_regular_file_is_404_at_once(
+    make_client: MakeClient, settings: Settings
+) -> None:
+    """A FIFO (whose open would wait for a writer), a socket and a directory in the media
+    folder are not media: 404, and the process goes on serving."""
+    folder = settings.media_root / "odd"
+    folder.mkdir(parents=True)
+    os.mkfifo(folder / "fifo.mp3")
+    server = await asyncio.start_unix_server(lambda r, w: None, path=str(folder / "sock.mp3"))
+    (folder / "dir.mp3").mkdir()
+    client = await make_client()
+    try:
+        for name in ("fifo.mp3", "sock.mp3", "dir.mp3"):
+            resp = await raw_request(client, sign(client, f"/media/odd/{name}"))
+            assert resp.status == 404, name
+            assert resp.error_code() == "not_found"
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (await client.get("/healthz")).status == 200
