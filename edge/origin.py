@@ -28,6 +28,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 MAX_HEAD = 64 * 1024  # status line and headers of one response
+# Bytes read from the origin at once while the player has bytes unsent (and at a stream's
+# start); a player that takes everything gets up to the whole buffer, EDGE_UPSTREAM_BUFFER.
+# 1000 slow players proxied from nginx held 118 MB with 8 KiB reads, 148 MB with 32 KiB
+# (bench/PLAY_RESULTS.md, session 7).
+SLOW_READ = 8 * 1024
 _DECIMAL = re.compile(r"[0-9]{1,18}")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
@@ -45,9 +50,12 @@ class OriginError(Exception):
 
 class Sink(Protocol):
     """Where a body goes: `write` returns False when the receiver wants no more for now;
-    `drain` waits until it does. Either may raise ConnectionError (the receiver went away)."""
+    `drain` waits until it does. Either may raise ConnectionError (the receiver went away).
+    `unsent` is what it holds, written but not yet taken by the receiver."""
 
     def write(self, data: bytes) -> bool: ...
+
+    def unsent(self) -> int: ...
 
     async def drain(self) -> None: ...
 
@@ -155,6 +163,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.expected = 0  # bytes the pipe still wants
         self.sent = 0
         self.sink_full = False
+        self.read_size = min(SLOW_READ, len(self.buffer))
         self.status = 0
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
@@ -165,7 +174,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.buffer
+        return self.buffer[: self.read_size]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_read = self.loop.time()
@@ -352,6 +361,13 @@ class _Connection(asyncio.BufferedProtocol):
             self.sent += len(data)
             try:
                 room = self.sink.write(data)  # type: ignore[union-attr]
+                # Read sizes follow the player: they double up to the buffer while it takes
+                # everything at once (a fast one costs few reads), and go back to SLOW_READ
+                # when it is full (what a slow one holds here stays small).
+                if not room:
+                    self.read_size = min(SLOW_READ, len(self.buffer))
+                elif self.read_size < len(self.buffer) and not self.sink.unsent():  # type: ignore[union-attr]
+                    self.read_size = min(2 * self.read_size, len(self.buffer))
             except ConnectionError as exc:
                 self._fail(exc)
                 return

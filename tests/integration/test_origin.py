@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edge.origin import OriginError, OriginPool
+from edge.origin import SLOW_READ, OriginError, OriginPool
 
 BODY = bytes(range(256)) * 4096  # 1 MiB, every offset recognisable
 
@@ -66,9 +66,11 @@ class Collect:
     """A sink that keeps everything; with `room` it says "full" after that many bytes, until
     `drained` is set."""
 
-    def __init__(self, room: int | None = None) -> None:
+    def __init__(self, room: int | None = None, behind: bool = False) -> None:
+        self.behind = behind  # a player with bytes always unsent
         self.data = bytearray()
         self.writes = 0
+        self.sizes: list[int] = []  # of each write, in order
         self.room = room
         self.full = asyncio.Event()
         self.drained = asyncio.Event()
@@ -79,10 +81,14 @@ class Collect:
             self.writes_while_full += 1
         self.data += data
         self.writes += 1
+        self.sizes.append(len(data))
         if self.room is not None and len(self.data) >= self.room and not self.drained.is_set():
             self.full.set()
             return False
         return True
+
+    def unsent(self) -> int:
+        return 1 if self.behind else 0
 
     async def drain(self) -> None:
         await self.drained.wait()
@@ -287,6 +293,30 @@ def test_a_full_sink_stops_reading_until_it_drains(run: Any) -> None:
             assert await task == len(BODY)
             assert bytes(sink.data) == BODY
             await origins.close()
+
+    run(main())
+
+
+def test_read_sizes_follow_the_player(run: Any) -> None:
+    """A stream starts with SLOW_READ-sized reads; a player that takes everything gets bigger
+    ones, up to the buffer; one that always has bytes unsent stays at SLOW_READ, also on a
+    connection a fast stream used before."""
+
+    async def main() -> None:
+        seen: list[object] = []
+        async with TestServer(file_app(seen), host="127.0.0.1") as server:
+            origins = pool(read_size=4 * SLOW_READ)
+            url = str(server.make_url("/x"))
+            fast = Collect()
+            assert await (await origins.get(url, {})).pipe(fast, len(BODY)) == len(BODY)
+            assert bytes(fast.data) == BODY
+            assert max(fast.sizes) == 4 * SLOW_READ
+            slow = Collect(behind=True)
+            assert await (await origins.get(url, {})).pipe(slow, len(BODY)) == len(BODY)
+            assert bytes(slow.data) == BODY
+            assert max(slow.sizes) <= SLOW_READ
+            await origins.close()
+        assert len(seen) == 2 and seen[0] is seen[1]  # the same connection, reused
 
     run(main())
 
