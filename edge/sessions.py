@@ -181,8 +181,8 @@ class SessionState(NamedTuple):
         )
 
 
-# One script call: the number of keys, the keys, the arguments.
-_Call = tuple[int, list[str], tuple[str | int | float, ...]]
+# One script call, packed (RESP: EVALSHA, its sha, the number of keys, the keys, the arguments).
+_Call = bytes
 
 
 def _abandon(batch: list[tuple[_Call, asyncio.Future[Any] | None]], _: object) -> None:
@@ -213,7 +213,7 @@ class ScriptBatch:
         self.script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()
         self.on_lost = on_lost  # for calls nobody waits for
-        # (number of keys, keys and args), and who waits for the answer
+        # (the packed call, and who waits for the answer)
         self._pending: list[tuple[_Call, asyncio.Future[Any] | None]] = []
         self._sending: set[asyncio.Task[None]] = set()
         self.batches = 0
@@ -230,7 +230,18 @@ class ScriptBatch:
             else:
                 answer.set_exception(error)
             return answer
-        self._pending.append(((len(keys), keys, args), answer))
+        try:
+            # Packed now, so that an argument hiredis cannot pack (it takes exactly str, int,
+            # float and bytes) fails this call alone, before any connection is taken. (Its
+            # stub types the argument as a 1-tuple; it takes any tuple of words.)
+            packed = pack_command(("EVALSHA", self.sha, len(keys), *keys, *args))  # type: ignore[arg-type]
+        except TypeError as exc:
+            if answer is None:
+                self._lost(1, type(exc).__name__)
+            else:
+                answer.set_exception(exc)
+            return answer
+        self._pending.append((packed, answer))
         if len(self._pending) == 1:
             loop.call_soon(self._send)
         return answer
@@ -290,7 +301,7 @@ class ScriptBatch:
         pool = self.redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(self._pack(calls))
+            await conn.send_packed_command(b"".join(calls))
             results: list[Any] = []
             # One deadline for the batch's replies, not a timer set and cancelled per reply as
             # redis-py's read_response does by default (the redis-py installed here skips it for
@@ -318,16 +329,6 @@ class ScriptBatch:
         finally:
             await pool.release(conn)
         return results
-
-    def _pack(self, calls: list[_Call]) -> bytes:
-        sha = self.sha
-        # (hiredis's stub types its argument as a 1-tuple; it takes any tuple of words.)
-        return b"".join(
-            [
-                pack_command(("EVALSHA", sha, n, *keys, *args))  # type: ignore[arg-type]
-                for n, keys, args in calls
-            ]
-        )
 
     def _lost(self, count: int, error: str) -> None:
         if self.on_lost is not None:

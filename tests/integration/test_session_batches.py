@@ -183,6 +183,26 @@ async def test_packed_arguments_reach_redis_as_redis_py_sends_them(
     assert again is not None and await again == [b"after"]
 
 
+async def test_an_argument_that_cannot_be_packed_fails_its_call_alone(
+    redis_client: aioredis.Redis,
+) -> None:
+    """hiredis packs exactly str, int, float and bytes: anything else (None here) fails that
+    call at once with a TypeError, while the calls beside it in the batch are answered."""
+    batch = ScriptBatch(redis_client, "return ARGV[1]")
+    await redis_client.script_load(batch.script)
+    before = batch.call([], ("before",))
+    bad = batch.call([], (None,))  # type: ignore[arg-type]
+    after = batch.call([], ("after",))
+    assert bad is not None and bad.done() and isinstance(bad.exception(), TypeError)
+    assert before is not None and await before == b"before"
+    assert after is not None and await after == b"after"
+    assert batch.batches == 1
+    lost: list[tuple[int, str]] = []
+    quiet = ScriptBatch(redis_client, batch.script, on_lost=lambda n, e: lost.append((n, e)))
+    assert quiet.call([], (None,), want_result=False) is None  # type: ignore[arg-type]
+    assert lost == [(1, "TypeError")]
+
+
 async def test_a_pooled_connection_redis_closed_is_replaced(
     redis_client: aioredis.Redis, servers: Servers
 ) -> None:
