@@ -28,10 +28,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 MAX_HEAD = 64 * 1024  # status line and headers of one response
-# Bytes read from the origin at once while the player has bytes unsent (and at a stream's
-# start); a player that takes everything gets up to the whole buffer, EDGE_UPSTREAM_BUFFER.
-# 1000 slow players proxied from nginx held 118 MB with 8 KiB reads, 148 MB with 32 KiB
-# (bench/PLAY_RESULTS.md, session 7).
+# Bytes read from the origin at once at a stream's start and after the player was full; a
+# player that takes all it is sent gets up to the whole buffer, EDGE_UPSTREAM_BUFFER. 1000 slow
+# players proxied from nginx held 118 MB with 8 KiB reads, 148 MB with 32 KiB (bench/
+# PLAY_RESULTS.md, session 7).
 SLOW_READ = 8 * 1024
 _DECIMAL = re.compile(r"[0-9]{1,18}")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
@@ -360,13 +360,16 @@ class _Connection(asyncio.BufferedProtocol):
             self.expected -= len(data)
             self.sent += len(data)
             try:
+                # Read sizes follow the player: they double up to the buffer while it has taken
+                # everything written before (a fast one costs few reads), and go back to
+                # SLOW_READ when it is full (what a slow one holds here stays small). Asked
+                # before this write, of the writes before it: a transport may send this one
+                # only later in the loop iteration.
+                taken = not self.sink.unsent()  # type: ignore[union-attr]
                 room = self.sink.write(data)  # type: ignore[union-attr]
-                # Read sizes follow the player: they double up to the buffer while it takes
-                # everything at once (a fast one costs few reads), and go back to SLOW_READ
-                # when it is full (what a slow one holds here stays small).
                 if not room:
                     self.read_size = min(SLOW_READ, len(self.buffer))
-                elif self.read_size < len(self.buffer) and not self.sink.unsent():  # type: ignore[union-attr]
+                elif taken and self.read_size < len(self.buffer):
                     self.read_size = min(2 * self.read_size, len(self.buffer))
             except ConnectionError as exc:
                 self._fail(exc)

@@ -321,6 +321,78 @@ def test_read_sizes_follow_the_player(run: Any) -> None:
     run(main())
 
 
+class TransportSink(asyncio.Protocol):
+    """A real connection as the sink, as streaming.ClientSink uses the player's: bytes go to the
+    transport, it is full while the transport has paused writing, and what is unsent is the
+    transport's write buffer."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
+        self.resumed = asyncio.Event()
+        self.sizes: list[int] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.resumed.clear()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.resumed.set()
+
+    def write(self, data: bytes) -> bool:
+        assert self.transport is not None
+        self.sizes.append(len(data))
+        self.transport.write(data)
+        return not self.paused
+
+    def unsent(self) -> int:
+        assert self.transport is not None
+        return self.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        while self.paused:
+            await self.resumed.wait()
+
+
+def test_a_player_that_takes_everything_gets_whole_buffer_reads(run: Any) -> None:
+    """Through a real transport on each loop, a player reading as fast as it can gets reads that
+    grow from SLOW_READ to the whole buffer, and every byte."""
+
+    async def main() -> None:
+        got = bytearray()
+        done = asyncio.Event()
+
+        async def player(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while chunk := await reader.read(1 << 16):
+                got.extend(chunk)
+            done.set()
+            writer.close()
+
+        server = await asyncio.start_server(player, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        _, sink = await loop.create_connection(TransportSink, "127.0.0.1", port)
+        async with TestServer(file_app([]), host="127.0.0.1") as origin:
+            origins = pool(read_size=4 * SLOW_READ)
+            response = await origins.get(str(origin.make_url("/x")), {})
+            assert await response.pipe(sink, len(BODY)) == len(BODY)
+            await origins.close()
+        assert sink.transport is not None
+        sink.transport.close()
+        await asyncio.wait_for(done.wait(), 10)
+        server.close()
+        await server.wait_closed()
+        assert bytes(got) == BODY
+        assert sink.sizes[0] <= SLOW_READ
+        assert max(sink.sizes) == 4 * SLOW_READ
+
+    run(main())
+
+
 def test_a_silent_origin_times_out_but_a_waiting_sink_does_not(run: Any) -> None:
     async def main() -> None:
         release = asyncio.Event()
