@@ -97,7 +97,7 @@ class MediaFile:
         data = _read_cached(self.fd, size, offset)
         if data is not None:
             return data
-        reading = self._reading = _READERS.submit(os.pread, self.fd, size, offset)
+        reading = self._reading = _READERS.submit(_pread, self.fd, size, offset)
         return await asyncio.wrap_future(reading)
 
     def close(self) -> None:
@@ -112,11 +112,12 @@ class MediaFile:
 # behind other work in the default executor (stats, hashing) or it behind them.
 _READERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="edge-media")
 _nowait = hasattr(os, "RWF_NOWAIT")  # Linux 4.14+; off where a file system refuses it
+_pread = os.pread  # (in a worker thread)
 
 
 def _read_cached(fd: int, size: int, offset: int) -> bytes | bytearray | memoryview | None:
     """What the page cache holds of [offset, offset + size), without waiting for the disk, or
-    None. b"" at the end of the file."""
+    None."""
     global _nowait
     if not _nowait:
         return None
@@ -132,7 +133,8 @@ def _read_cached(fd: int, size: int, offset: int) -> bytes | bytearray | memoryv
         raise
     if got == size:
         return buffer
-    return memoryview(buffer)[:got] if got else b""
+    # (0 is left to a thread's read to confirm as the end of the file.)
+    return memoryview(buffer)[:got] if got else None
 
 
 async def open_media(root: Path, path: Path) -> MediaFile:
@@ -168,6 +170,7 @@ def _open_regular(root: Path, path: Path) -> MediaFile:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise FileNotFoundError(str(path))
+        os.set_blocking(fd, True)  # (a file system that honours O_NONBLOCK must not refuse reads)
     except BaseException:
         os.close(fd)
         raise

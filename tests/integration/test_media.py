@@ -13,7 +13,9 @@ import asyncio
 import gc
 import hmac
 import os
+import threading
 import time
+from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -343,17 +345,39 @@ def open_fds_to(path: Path) -> int:
     return count
 
 
+class ReadPath:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.thread_reads = 0
+
+
 @pytest.fixture(params=["page-cache", "threads"])
-def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def read_path(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ReadPath]:
     """Both ways /media reads a file: in the event loop from the page cache (RWF_NOWAIT), and
-    in worker threads, which is where every read goes when the page cache is refused."""
-    if request.param == "threads":
+    in worker threads, which is where every read goes when the page cache is refused. Reads
+    in threads are counted; with the page cache, the files the tests have just written are
+    read from it (and RWF_NOWAIT stays on)."""
+    path = ReadPath(str(request.param))
+    if path.name == "threads":
         monkeypatch.setattr(media_view, "_nowait", False)
-    return str(request.param)
+    pread = media_view._pread
+
+    def counted(fd: int, size: int, offset: int) -> bytes:
+        path.thread_reads += 1
+        return pread(fd, size, offset)
+
+    monkeypatch.setattr(media_view, "_pread", counted)
+    yield path
+    if path.name == "page-cache":
+        assert media_view._nowait, "RWF_NOWAIT was refused here: the page-cache path is untested"
+    else:
+        assert path.thread_reads > 0
 
 
 async def test_clients_leaving_early_leave_no_open_files(
-    read_path: str,
+    read_path: ReadPath,
     make_client: MakeClient,
     playable: dict[str, Any],
     settings: Settings,
@@ -395,7 +419,7 @@ async def test_clients_leaving_early_leave_no_open_files(
 
 
 async def test_every_read_path_serves_the_exact_bytes(
-    read_path: str, make_client: MakeClient, settings: Settings
+    read_path: ReadPath, make_client: MakeClient, settings: Settings
 ) -> None:
     """Whole files, single ranges and several ranges, read in the event loop or in threads,
     across many read-sized pieces and their edges."""
@@ -411,6 +435,38 @@ async def test_every_read_path_serves_the_exact_bytes(
         assert resp.status == 206 and resp.body == data[first : last + 1]
     resp = await raw_request(client, url, Range="bytes=0-9,70000-70009")
     assert resp.status == 206 and data[:10] in resp.body and data[70000:70010] in resp.body
+    if read_path.name == "page-cache":
+        assert read_path.thread_reads == 0  # a file just written is all in the page cache
+
+
+async def test_a_file_is_closed_only_after_the_read_running_in_its_thread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A stream cancelled while its read runs in a worker thread: the descriptor stays open
+    until that read returns (closed under it, its number could be reused by another file and
+    the read would return that file's bytes), and is closed right after."""
+    monkeypatch.setattr(media_view, "_nowait", False)
+    in_read, release = threading.Event(), threading.Event()
+    pread = media_view._pread
+
+    def slow_pread(fd: int, size: int, offset: int) -> bytes:
+        in_read.set()
+        release.wait(10)
+        return pread(fd, size, offset)
+
+    monkeypatch.setattr(media_view, "_pread", slow_pread)
+    path = tmp_path / "track.mp3"
+    path.write_bytes(os.urandom(100_000))
+    media = await media_view.open_media(tmp_path, path)
+    reading = asyncio.ensure_future(media.read(media_view.CHUNK, 0))
+    assert await asyncio.to_thread(in_read.wait, 10)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    media.close()
+    assert open_fds_to(path) == 1  # still open: the thread is reading from it
+    release.set()
+    await eventually(lambda: open_fds_to(path) == 0)
 
 
 async def test_what_is_not_a_regular_file_is_404_at_once(
