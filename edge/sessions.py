@@ -200,10 +200,9 @@ class ScriptBatch:
     share that cost and the round trip. A caller waits one loop iteration longer. The batch is
     packed by hiredis (in C; redis-py's own packing was an eighth of a redirect's CPU) and
     written on a connection of redis-py's pool, whose connection handling (auth, database,
-    timeouts) and reply parser (hiredis) it keeps. A server that
-    lost its scripts (a restart) answers NOSCRIPT, then the script is loaded and the batch sent
-    once more. At most MAX_PENDING_CALLS wait: past that a call
-    fails at once, as if Redis were down.
+    timeouts) and reply parser (hiredis) it keeps. A server that lost its scripts (a restart)
+    answers NOSCRIPT, then the script is loaded and the batch sent once more. At most
+    MAX_PENDING_CALLS wait: past that a call fails at once, as if Redis were down.
     """
 
     def __init__(

@@ -93,7 +93,7 @@ class MediaFile:
         self.st = st
         self._reading: concurrent.futures.Future[bytes] | None = None
 
-    async def read(self, size: int, offset: int) -> bytes | bytearray | memoryview:
+    async def read(self, size: int, offset: int) -> Chunk:
         data = _read_cached(self.fd, size, offset)
         if data is not None:
             return data
@@ -115,7 +115,7 @@ _nowait = hasattr(os, "RWF_NOWAIT")  # Linux 4.14+; off where a file system refu
 _pread = os.pread  # (in a worker thread)
 
 
-def _read_cached(fd: int, size: int, offset: int) -> bytes | bytearray | memoryview | None:
+def _read_cached(fd: int, size: int, offset: int) -> Chunk | None:
     """What the page cache holds of [offset, offset + size), without waiting for the disk, or
     None."""
     global _nowait
