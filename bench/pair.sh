@@ -13,7 +13,10 @@
 #   A=track B=track B_CODE=/tmp/old bash bench/pair.sh      # this code against another checkout
 #
 # Loads: healthz; track (GET /api/v1/tracks/{id} over the hot ids, warm cache); popular
-# (GET /api/v1/tracks/popular); redirect (GET /play/{id}, USERS player tokens, local signer).
+# (GET /api/v1/tracks/popular); redirect (GET /play/{id}, USERS player tokens, local signer);
+# proxy (GET /play/{id}?mode=proxy&format=flac, hifi tokens, a RANGE_BYTES range at a random
+# offset: the side proxies from its own /media, so its CPU counts both ends); media (the same
+# ranges of signed /media URLs of the FLACs directly).
 # A_CODE/B_CODE: the checkout whose edge/ package a side runs (default this one); A_ENV/B_ENV:
 # its extra environment (words NAME=VALUE). Between rounds the sides swap which wrk starts
 # first. The catalog is $BENCH_DB (default edge_bench: bench/catalog.sh makes it; SEED=N makes a
@@ -25,6 +28,7 @@ here=$PWD
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 2; }
 A=${A:-healthz} B=${B:-track}
 ROUNDS=${ROUNDS:-6} DURATION=${DURATION:-5} CONNECTIONS=${CONNECTIONS:-32} USERS=${USERS:-500}
+RANGE_BYTES=${RANGE_BYTES:-1048576}
 BENCH_DB=${BENCH_DB:-edge_bench}
 export DATABASE_URL=${BENCH_PG:-postgresql://postgres@127.0.0.1:5432}/$BENCH_DB
 export REDIS_URL=${BENCH_REDIS:-redis://127.0.0.1:6379/0}
@@ -48,16 +52,32 @@ psql -XAtq "$DATABASE_URL" -c "SELECT id FROM tracks WHERE id IN (SELECT track_i
 awk '{print "/play/" $1}' "$out/ids.txt" >"$out/paths-redirect.txt"
 awk '{print "/api/v1/tracks/" $1}' "$out/ids.txt" >"$out/paths-track.txt"
 echo /healthz >"$out/paths-healthz.txt"
+# FLACs for the proxy and media loads, and the range starts that fit in the smallest.
+psql -XAtq -F ' ' "$DATABASE_URL" -c "SELECT track_id, object_key, bytes FROM renditions
+    WHERE format = 'flac' ORDER BY random() LIMIT 1000" >"$out/flac.txt"
+awk '{print "/play/" $1 "?mode=proxy&format=flac"}' "$out/flac.txt" >"$out/paths-proxy.txt"
+max_start=$(( $(awk '{print $3}' "$out/flac.txt" | sort -n | head -1) - RANGE_BYTES ))
 echo /api/v1/tracks/popular >"$out/paths-popular.txt"
 "$python" - "$EDGE_JWT_SECRET" "$USERS" "$out/players.txt" <<'PY'
 import sys
 from edge.auth import issue
 secret, users, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with open(path.replace("players", "hifi"), "w") as f:
+    for i in range(users):
+        f.write(issue(secret, f"pair-hifi-{i}", "hifi", 7200) + "\n")
 formats = ["", "format=aac", "format=mp3,aac", "format=flac,aac"]
 with open(path, "w") as f:
     for i in range(users):
         tier, query = ("free", "premium", "hifi")[i % 3], formats[(i // 3) % len(formats)]
         f.write(issue(secret, f"pair-{i}", tier, 7200) + (f" {query}" if query else "") + "\n")
+PY
+"$python" - "$EDGE_MEDIA_SECRET" "$out/flac.txt" "$out/paths-media.txt" <<'PY'
+import sys, time
+from edge.signing import LocalSigner
+signer, expires = LocalSigner(sys.argv[1].encode()), int(time.time()) + 7200
+with open(sys.argv[3], "w") as f:
+    for line in open(sys.argv[2]):
+        f.write(signer.sign(f"/media/{line.split()[1]}", expires) + "\n")
 PY
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -90,10 +110,12 @@ for side in A B; do
     warm "$side"
 done
 wrk_run() {  # side seconds: prints the number of requests wrk completed
-    local paths=$out/paths-${load[$1]}.txt tokens=- text
+    local paths=$out/paths-${load[$1]}.txt tokens=- ranges=() text
     [[ ${load[$1]} == redirect ]] && tokens=$out/players.txt
+    [[ ${load[$1]} == proxy ]] && tokens=$out/hifi.txt
+    [[ ${load[$1]} == proxy || ${load[$1]} == media ]] && ranges=("$RANGE_BYTES" "$max_start")
     text=$(taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"$2s" -s bench/play/wrk/rotate.lua \
-        "http://127.0.0.1:${port[$1]}" -- "$paths" "$tokens")
+        "http://127.0.0.1:${port[$1]}" -- "$paths" "$tokens" ${ranges[@]+"${ranges[@]}"})
     if grep -qE "Non-2xx|Socket errors" <<<"$text"; then  # (a 302 is not one)
         echo "side $1 (${load[$1]}): error responses or socket errors" >&2; echo "$text" >&2; exit 1
     fi

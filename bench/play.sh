@@ -21,9 +21,10 @@
 #    Edge's RSS before and while connected; concurrency checked (in-flight gauge, ss).
 # 4. /metrics scrape time before and with $SESSIONS active sessions (on a).
 # Then py-spy profiles of a redirect run and a proxy run (PROFILE=1, if py-spy is installed).
-# With BASELINE=/path/to/another/checkout, a fourth server d runs that checkout's edge (same
-# settings as c: proxying from nginx) and step 2 adds its run, proxy-nginx-baseline, to the same
-# interleaved rounds: a before/after of a change, side by side in one run.
+# With BASELINE=/path/to/another/checkout, two more servers run that checkout's edge: d (same
+# settings as c: proxying from nginx) and e (same as a: its own /media), and step 2 adds their
+# runs, proxy-nginx-baseline, proxy-local-baseline and media-baseline, to the same interleaved
+# rounds: a before/after of a change, side by side in one run.
 #
 #   bash bench/play.sh                          # the full run, ~11 min
 #   DURATION=5 ROUNDS=2 SLOW_HOLD=10 bash bench/play.sh    # a quick look
@@ -57,7 +58,7 @@ SCRAPES=${SCRAPES:-50}
 PIN=${PIN:-1}
 PROFILE=${PROFILE:-1}
 STEPS=${STEPS:-1234}              # which of the numbered steps below to run
-BASELINE=${BASELINE:-}            # another checkout of this repository, for server d
+BASELINE=${BASELINE:-}            # another checkout of this repository, for servers d and e
 KEEP_DB=${KEEP_DB:-0}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-1500}   # the whole run, seconds
 
@@ -266,7 +267,8 @@ SERVERS=(a b c)
 if [[ -n $BASELINE ]]; then
     [[ -f $BASELINE/edge/__init__.py ]] || die "BASELINE=$BASELINE is not a checkout of this repository"
     start_edge d EDGE_CDN_URL="$NGINX_BASE" PYTHONPATH="$(cd "$BASELINE" && pwd)"
-    SERVERS+=(d)
+    start_edge e PYTHONPATH="$(cd "$BASELINE" && pwd)"
+    SERVERS+=(d e)
     echo "baseline (d): $BASELINE at $(git -C "$BASELINE" rev-parse --short HEAD 2>/dev/null || echo '?')" >> "$OUT/env.txt"
 fi
 for name in "${SERVERS[@]}" nginx_master; do
@@ -320,7 +322,7 @@ alive() {
 }
 snap() {
     timeout 30 "$PY" "$PLAY/snap.py" "a=${BASE[a]}@${PIDS[a]}" "b=${BASE[b]}@${PIDS[b]}" \
-        "c=${BASE[c]}@${PIDS[c]}" ${BASELINE:+"d=${BASE[d]}@${PIDS[d]}"} "nginx=@$NGINX_WORKER"
+        "c=${BASE[c]}@${PIDS[c]}" ${BASELINE:+"d=${BASE[d]}@${PIDS[d]}" "e=${BASE[e]}@${PIDS[e]}"} "nginx=@$NGINX_WORKER"
 }
 WRK=(timeout $((DURATION + WARMUP + 60)) "${CLI[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" --timeout 10s --latency -s "$PLAY/wrk/rotate.lua")
 run() {  # run NAME SECONDS OUTFILE
@@ -334,6 +336,8 @@ run() {  # run NAME SECONDS OUTFILE
         proxy-local) url=${BASE[a]} args=("$OUT/paths-proxy.txt" "$OUT/hifi.txt" "$RANGE_BYTES" "$MAX_START") ;;
         proxy-nginx) url=${BASE[c]} args=("$OUT/paths-proxy.txt" "$OUT/hifi.txt" "$RANGE_BYTES" "$MAX_START") ;;
         proxy-nginx-baseline) url=${BASE[d]} args=("$OUT/paths-proxy.txt" "$OUT/hifi.txt" "$RANGE_BYTES" "$MAX_START") ;;
+        proxy-local-baseline) url=${BASE[e]} args=("$OUT/paths-proxy.txt" "$OUT/hifi.txt" "$RANGE_BYTES" "$MAX_START") ;;
+        media-baseline) url=${BASE[e]} args=("$OUT/paths-media.txt" - "$RANGE_BYTES" "$MAX_START") ;;
         media) url=${BASE[a]} args=("$OUT/paths-media.txt" - "$RANGE_BYTES" "$MAX_START") ;;
         nginx) url=$NGINX_BASE args=("$OUT/paths-nginx.txt" - "$RANGE_BYTES" "$MAX_START") ;;
         *) die "unknown run $name" ;;
@@ -375,7 +379,8 @@ EOF
 
 step() { [[ $STEPS == *$1* ]]; }
 if step 1; then phase "1. redirect" healthz-local redirect-local healthz-cloudfront redirect-cloudfront; fi
-if step 2; then phase "2. proxy" proxy-local nginx media proxy-nginx ${BASELINE:+proxy-nginx-baseline}; fi
+if step 2; then phase "2. proxy" proxy-local nginx media proxy-nginx \
+    ${BASELINE:+proxy-nginx-baseline proxy-local-baseline media-baseline}; fi
 
 # -- profiles (not counted) ---------------------------------------------------------------------
 profile() {  # profile NAME EDGE: py-spy on that Edge during a DURATION-second run

@@ -33,6 +33,12 @@ RUNS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
         ("d", "nginx"),
         "d",
     ),
+    "proxy-local-baseline": (
+        "`/play/{id}?mode=proxy`, own `/media`, BASELINE's edge (server e)",
+        ("e",),
+        "e",
+    ),
+    "media-baseline": ("`/media` directly, BASELINE's edge (server e)", ("e",), "e"),
 }
 RUN_FILE = re.compile(r"^r(\d+)-([\w-]+)\.txt$")
 
@@ -139,6 +145,8 @@ def summarise(out: Path) -> dict[str, Any]:
         ("proxy_nginx_vs_nginx", "proxy-nginx", "nginx"),
         ("media_vs_nginx", "media", "nginx"),
         ("proxy_nginx_vs_baseline", "proxy-nginx", "proxy-nginx-baseline"),
+        ("proxy_local_vs_baseline", "proxy-local", "proxy-local-baseline"),
+        ("media_vs_baseline", "media", "media-baseline"),
     ):
         med, each = ratio(runs, num, den)
         ratios[key] = {
@@ -229,7 +237,15 @@ def markdown(s: dict[str, Any]) -> str:
         " | server CPU ms/MiB | server busy | errors |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in ("proxy-local", "media", "nginx", "proxy-nginx", "proxy-nginx-baseline"):
+    for name in (
+        "proxy-local",
+        "media",
+        "nginx",
+        "proxy-nginx",
+        "proxy-nginx-baseline",
+        "proxy-local-baseline",
+        "media-baseline",
+    ):
         r = runs.get(name)
         if r:
             cpu_ms_mib = r["cpu_us"] / 1000 / (r["bytes_per_req"] / MiB) if r["cpu_us"] else None
@@ -255,6 +271,8 @@ def markdown(s: dict[str, Any]) -> str:
         ("proxy_nginx_vs_nginx", "proxy (nginx origin) / nginx"),
         ("media_vs_nginx", "local origin / nginx"),
         ("proxy_nginx_vs_baseline", "proxy (nginx origin) / the same on BASELINE"),
+        ("proxy_local_vs_baseline", "proxy (own origin) / the same on BASELINE"),
+        ("media_vs_baseline", "local origin / the same on BASELINE"),
     ):
         q = ratios[key]
         if q["median"] is None:
