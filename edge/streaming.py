@@ -41,8 +41,12 @@ Chunk = bytes | bytearray | memoryview
 Source = Callable[[ByteRange | None], AsyncIterator[Chunk] | Pipe]
 
 # Bytes a slow client may have queued in this process (beyond the chunk being written) before
-# the next read from the source waits for it.
-CLIENT_WRITE_BUFFER = 16 * 1024
+# the next read from the source waits for it. A source whose reads are cheap and whose bytes
+# keep (a file) may ask for 0: the next chunk is read once the kernel took the last one.
+# 1000 slow players proxied from nginx held 131 MB with 16 KiB, 123 MB with 4 KiB, and fast
+# proxying cost the same CPU per MiB (bench/PLAY_RESULTS.md, session 8); 0 saved more memory
+# but cost 6% more CPU per MiB (the origin paused and resumed after every partial write).
+CLIENT_WRITE_BUFFER = 4 * 1024
 
 
 class SourceFailed(Exception):
@@ -120,10 +124,12 @@ async def send(
     rep: Representation,
     source: Source,
     extra_headers: dict[str, str] | None = None,
+    client_buffer: int = CLIENT_WRITE_BUFFER,
 ) -> Sent:
     """Stream the decided ranges of the representation. A client that goes away, or a source
     that fails mid-body (the connection is then aborted), is reported in the outcome: both are
-    facts of streaming life, not errors of the handler."""
+    facts of streaming life, not errors of the handler. `client_buffer`: the client's unsent
+    bytes kept here before the source waits (the transport's high-water mark)."""
     boundary = multipart_boundary() if decision.is_multipart else None
     length, ctype = _length_and_type(decision, rep, boundary)
     response = web.StreamResponse(status=decision.status, headers=_common(rep))
@@ -139,7 +145,7 @@ async def send(
         if request.transport is not None:
             # A slow player's unsent bytes wait in this process: keep at most about one chunk
             # of them (the default allows 64 KiB beyond the chunk being written).
-            request.transport.set_write_buffer_limits(high=CLIENT_WRITE_BUFFER)
+            request.transport.set_write_buffer_limits(high=client_buffer)
         writer = request.writer
         sink = ClientSink(request, writer)
         if decision.status == 200:

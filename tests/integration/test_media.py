@@ -10,9 +10,13 @@ signature for its exact path: the folder check itself must hold, not just the si
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import hmac
 import os
+import socket
+import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -437,6 +441,50 @@ async def test_every_read_path_serves_the_exact_bytes(
     assert resp.status == 206 and data[:10] in resp.body and data[70000:70010] in resp.body
     if read_path.name == "page-cache":
         assert read_path.thread_reads == 0  # a file just written is all in the page cache
+
+
+async def test_a_slow_player_s_backlog_waits_in_the_kernel_not_here(
+    make_client: MakeClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/media reads a file's next chunk only once the kernel has taken the last one: the file
+    keeps what the player has not taken, so a slow player's stream holds no unsent bytes in
+    this process (a thousand of them held 16 KiB each before, bench/PLAY_RESULTS.md)."""
+    big = settings.media_root / "slow" / "long.flac"
+    big.parent.mkdir(parents=True)
+    big.write_bytes(os.urandom(1 << 20) * 4)
+    client = await make_client()
+    server = client.server.runner.server
+    assert server is not None
+    unsent: list[int] = []  # the players' unsent bytes in Edge, at each read of the file
+    queued: list[int] = []  # and those in the kernel's socket buffers
+    read_cached = media_view._read_cached
+
+    def recorded(fd: int, size: int, offset: int) -> Any:
+        for handler in server.connections:
+            transport = handler.transport
+            if transport is not None:
+                unsent.append(transport.get_write_buffer_size())
+                sock = transport.get_extra_info("socket")
+                outq = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+                queued.append(int.from_bytes(outq, sys.byteorder))
+        return read_cached(fd, size, offset)
+
+    monkeypatch.setattr(media_view, "_read_cached", recorded)
+    player = socket.socket()
+    player.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    player.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(player, ("127.0.0.1", client.server.port))
+    url = sign(client, "/media/slow/long.flac")
+    await loop.sock_sendall(player, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    received = 0
+    while received < (4 << 20) and (chunk := await loop.sock_recv(player, 2048)):
+        received += len(chunk)
+    player.close()
+    assert received >= 4 << 20
+    assert len(unsent) >= (4 << 20) // media_view.CHUNK
+    assert max(unsent) == 0
+    assert max(queued) > 64 * 1024  # the player really was slower than the file
 
 
 async def test_a_file_is_closed_only_after_the_read_running_in_its_thread(
