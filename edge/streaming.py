@@ -71,7 +71,7 @@ class ClientSink:
         self.writer = writer
         self.written = 0
 
-    def write(self, data: bytes) -> bool:
+    def write(self, data: Chunk) -> bool:
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client went away")
@@ -82,6 +82,19 @@ class ClientSink:
     def unsent(self) -> int:
         transport = self.transport
         return transport.get_write_buffer_size() if transport is not None else 0
+
+    def socket_fd(self) -> int | None:
+        """The connection's socket, for a pipe that sends bytes to it itself (sendfile, then
+        `written` is its to count): None over TLS (the bytes must pass through here to be
+        encrypted) or without a socket. Only while `unsent()` is 0, or the bytes would overtake
+        those queued."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        if transport.get_extra_info("ssl_object") is not None:
+            return None
+        sock = transport.get_extra_info("socket")
+        return None if sock is None else int(sock.fileno())
 
     async def drain(self) -> None:
         await self.writer.drain()

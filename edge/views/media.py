@@ -2,22 +2,24 @@
 
 It behaves like the CDN it stands in for: a signed, expiring URL (HMAC with an Edge secret),
 RFC 9110 ranges, strong ETags (the MD5 of the file, as S3 reports), and no way out of the media
-folder: no `..`, no encoded slashes or NULs, no symlinks.
+folder: no `..`, no encoded slashes or NULs, no symlinks. Bytes the page cache holds go to the
+client by sendfile(2); the rest are read without blocking the event loop (_FileRange).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import errno
 import hashlib
 import mimetypes
+import mmap
 import os
 import re
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import formatdate
 from pathlib import Path
@@ -28,7 +30,7 @@ from aiohttp import web
 from edge import keys
 from edge.errors import ApiError
 from edge.ranges import ByteRange, resolve
-from edge.streaming import Chunk, Representation, Source, head_response, send
+from edge.streaming import Chunk, ClientSink, Representation, Source, head_response, send
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -182,7 +184,8 @@ def _close_opened(done: asyncio.Future[MediaFile]) -> None:
         done.result().close()
 
 
-# Bytes asked of the file per read, and so at most held per stream: the next read waits until
+# Bytes asked of the file per read (where sendfile cannot: the socket is full, the page cache
+# does not hold them, or TLS), and so at most held per stream: the next read waits until
 # the kernel took the last one (streaming.send's client_buffer=0), as the file keeps what the
 # client has not taken yet. Reads from the page cache cost a system call, no thread trip, so
 # small reads are cheap. Measured (bench/PLAY_RESULTS.md, sessions 7 and 8): 16 KiB reads here
@@ -192,17 +195,135 @@ def _close_opened(done: asyncio.Future[MediaFile]) -> None:
 CHUNK = 16 * 1024
 
 
-def _file_chunks(media: MediaFile) -> Source:
-    async def read(part: ByteRange | None) -> AsyncIterator[Chunk]:
-        offset, end = (0, media.st.st_size) if part is None else (part.start, part.end + 1)
+# Bytes per sendfile(2) call at most: then other connections get their turn in the loop (a
+# fast client's socket could take a whole file at once). 1 MiB ranges by sendfile cost 0.42x
+# the CPU of 16 KiB chunks (bench/PLAY_RESULTS.md, session 8).
+SENDFILE_MAX = 1 << 20
+
+
+_LOWEST_BIT = bytes(i & 1 for i in range(256))
+
+
+class _PageCache:
+    """How much of a file's range the page cache holds: mincore(2) on a mapping of the range,
+    which reads nothing. sendfile(2) from there does not wait for the disk in the event loop
+    (unless the kernel evicts those pages in the microseconds between the two calls)."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._mmap = libc.mmap
+        self._mmap.restype = ctypes.c_void_p
+        self._mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int64,
+        ]
+        self._mincore = libc.mincore
+        self._mincore.restype = ctypes.c_int
+        self._mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        self._munmap = libc.munmap
+        self._munmap.restype = ctypes.c_int
+        self._munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self._failed = ctypes.c_void_p(-1).value  # MAP_FAILED
+
+    def held(self, fd: int, offset: int, count: int) -> int:
+        """The bytes from `offset` (at most `count`, count > 0) that are in the page cache."""
+        start = offset - offset % mmap.PAGESIZE
+        length = offset + count - start
+        address = self._mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        if address is None or address == self._failed:
+            return 0
+        pages = -(-length // mmap.PAGESIZE)
+        resident = ctypes.create_string_buffer(pages)
+        try:
+            if self._mincore(address, length, resident) != 0:
+                return 0
+        finally:
+            self._munmap(address, length)
+        # The lowest bit of each page's byte says whether it is in memory (the others are
+        # reserved).
+        missing = resident.raw.translate(_LOWEST_BIT).find(b"\0")
+        if missing < 0:
+            return count
+        return max(0, start + missing * mmap.PAGESIZE - offset)
+
+
+try:
+    _page_cache: _PageCache | None = _PageCache() if hasattr(os, "sendfile") else None
+except (OSError, AttributeError):  # no libc with mmap and mincore: no sendfile
+    _page_cache = None
+
+
+def _send_cached(out: int, fd: int, offset: int, count: int) -> int:
+    """sendfile(2) of what the page cache holds of [offset, offset + count) to a non-blocking
+    socket: the bytes sent; 0 when the socket is full, nothing is cached, or the file ended."""
+    global _page_cache
+    cache = _page_cache
+    if cache is None:
+        return 0
+    count = cache.held(fd, offset, count)
+    if not count:
+        return 0
+    try:
+        return os.sendfile(out, fd, offset, count)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            _page_cache = None  # this file system or socket cannot: chunks from now on
+            return 0
+        raise
+
+
+class _FileRange:
+    """A range of an open media file that writes itself into the client's connection (a
+    streaming.Pipe). While the connection has taken everything before, the bytes the page
+    cache holds go by sendfile(2), never through this process; when the socket is full or the
+    page cache does not hold the next bytes, one chunk is read (MediaFile.read: the page cache,
+    else a worker thread) and written, and the next waits until the kernel has taken it."""
+
+    __slots__ = ("media", "offset")
+
+    def __init__(self, media: MediaFile, offset: int) -> None:
+        self.media = media
+        self.offset = offset
+
+    async def pipe(self, sink: ClientSink, expected: int) -> int:
+        media, offset = self.media, self.offset
+        end = offset + expected
+        full = False  # the last sendfile found the socket full
         while offset < end:
+            out = None if full or _page_cache is None else sink.socket_fd()
+            if out is not None and not sink.unsent():
+                want = min(end - offset, SENDFILE_MAX)
+                sent = _send_cached(out, media.fd, offset, want)
+                if sent:
+                    offset += sent
+                    sink.written += sent
+                    full = sent < want
+                    await asyncio.sleep(0)  # (the others' turn)
+                    continue
+            full = False
             block = await media.read(min(CHUNK, end - offset), offset)
             if not block:
-                return  # the file got shorter: the stream reports a short body
+                break  # the file got shorter: the stream reports a short body
             offset += len(block)
-            yield block
+            if not sink.write(block):
+                await sink.drain()
+        return offset - self.offset
 
-    return read
+    def close(self) -> None:
+        """(The file is the handler's to close.)"""
+
+
+def _file_chunks(media: MediaFile) -> Source:
+    def body(part: ByteRange | None) -> _FileRange:
+        return _FileRange(media, 0 if part is None else part.start)
+
+    return body
 
 
 @routes.route("GET", "/media/{key:.+}", name="media")

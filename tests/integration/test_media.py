@@ -353,31 +353,45 @@ class ReadPath:
     def __init__(self, name: str) -> None:
         self.name = name
         self.thread_reads = 0
+        self.sendfile_bytes = 0
 
 
-@pytest.fixture(params=["page-cache", "threads"])
+@pytest.fixture(params=["sendfile", "page-cache", "threads"])
 def read_path(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[ReadPath]:
-    """Both ways /media reads a file: in the event loop from the page cache (RWF_NOWAIT), and
-    in worker threads, which is where every read goes when the page cache is refused. Reads
-    in threads are counted; with the page cache, the files the tests have just written are
-    read from it (and RWF_NOWAIT stays on)."""
+    """The three ways /media sends a file: sendfile(2) of what the page cache holds; reads in
+    the event loop from the page cache (RWF_NOWAIT), written as chunks, where sendfile is off;
+    and reads in worker threads, which is where every read goes when the page cache is
+    refused. Bytes sent by sendfile and reads in threads are counted; the files the tests have
+    just written are in the page cache."""
     path = ReadPath(str(request.param))
+    if path.name != "sendfile":
+        monkeypatch.setattr(media_view, "_page_cache", None)
     if path.name == "threads":
         monkeypatch.setattr(media_view, "_nowait", False)
-    pread = media_view._pread
+    pread, send_cached = media_view._pread, media_view._send_cached
 
     def counted(fd: int, size: int, offset: int) -> bytes:
         path.thread_reads += 1
         return pread(fd, size, offset)
 
+    def counted_sendfile(out: int, fd: int, offset: int, count: int) -> int:
+        sent = send_cached(out, fd, offset, count)
+        path.sendfile_bytes += sent
+        return sent
+
     monkeypatch.setattr(media_view, "_pread", counted)
+    monkeypatch.setattr(media_view, "_send_cached", counted_sendfile)
     yield path
-    if path.name == "page-cache":
+    if path.name == "sendfile":
+        assert media_view._page_cache is not None, "sendfile was refused here: it is untested"
+        assert path.sendfile_bytes > 0
+    elif path.name == "page-cache":
         assert media_view._nowait, "RWF_NOWAIT was refused here: the page-cache path is untested"
+        assert path.sendfile_bytes == 0
     else:
-        assert path.thread_reads > 0
+        assert path.thread_reads > 0 and path.sendfile_bytes == 0
 
 
 async def test_clients_leaving_early_leave_no_open_files(
@@ -439,27 +453,31 @@ async def test_every_read_path_serves_the_exact_bytes(
         assert resp.status == 206 and resp.body == data[first : last + 1]
     resp = await raw_request(client, url, Range="bytes=0-9,70000-70009")
     assert resp.status == 206 and data[:10] in resp.body and data[70000:70010] in resp.body
-    if read_path.name == "page-cache":
+    if read_path.name != "threads":
         assert read_path.thread_reads == 0  # a file just written is all in the page cache
 
 
+@pytest.mark.parametrize("sendfile", [True, False], ids=["sendfile", "chunks"])
 async def test_a_slow_player_s_backlog_waits_in_the_kernel_not_here(
-    make_client: MakeClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    sendfile: bool, make_client: MakeClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """/media reads a file's next chunk only once the kernel has taken the last one: the file
-    keeps what the player has not taken, so a slow player's stream holds no unsent bytes in
-    this process (a thousand of them held 16 KiB each before, bench/PLAY_RESULTS.md)."""
+    """/media sends a file's next bytes (by sendfile or as a chunk read) only once the kernel
+    has taken the last ones: the file keeps what the player has not taken, so a slow player's
+    stream holds no unsent bytes in this process when it goes on (a thousand of them held
+    16 KiB each before, bench/PLAY_RESULTS.md)."""
+    if not sendfile:
+        monkeypatch.setattr(media_view, "_page_cache", None)
     big = settings.media_root / "slow" / "long.flac"
     big.parent.mkdir(parents=True)
     big.write_bytes(os.urandom(1 << 20) * 4)
     client = await make_client()
     server = client.server.runner.server
     assert server is not None
-    unsent: list[int] = []  # the players' unsent bytes in Edge, at each read of the file
+    unsent: list[int] = []  # the players' unsent bytes in Edge, each time the stream goes on
     queued: list[int] = []  # and those in the kernel's socket buffers
-    read_cached = media_view._read_cached
+    sendfiles = 0
 
-    def recorded(fd: int, size: int, offset: int) -> Any:
+    def record() -> None:
         for handler in server.connections:
             transport = handler.transport
             if transport is not None:
@@ -467,9 +485,21 @@ async def test_a_slow_player_s_backlog_waits_in_the_kernel_not_here(
                 sock = transport.get_extra_info("socket")
                 outq = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
                 queued.append(int.from_bytes(outq, sys.byteorder))
+
+    read_cached, send_cached = media_view._read_cached, media_view._send_cached
+
+    def recorded_read(fd: int, size: int, offset: int) -> Any:
+        record()
         return read_cached(fd, size, offset)
 
-    monkeypatch.setattr(media_view, "_read_cached", recorded)
+    def recorded_sendfile(out: int, fd: int, offset: int, count: int) -> int:
+        nonlocal sendfiles
+        sendfiles += 1
+        record()
+        return send_cached(out, fd, offset, count)
+
+    monkeypatch.setattr(media_view, "_read_cached", recorded_read)
+    monkeypatch.setattr(media_view, "_send_cached", recorded_sendfile)
     player = socket.socket()
     player.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     player.setblocking(False)
@@ -482,8 +512,8 @@ async def test_a_slow_player_s_backlog_waits_in_the_kernel_not_here(
         received += len(chunk)
     player.close()
     assert received >= 4 << 20
-    assert len(unsent) >= (4 << 20) // media_view.CHUNK
-    assert max(unsent) == 0
+    assert (sendfiles > 0) is sendfile
+    assert unsent and max(unsent) == 0
     assert max(queued) > 64 * 1024  # the player really was slower than the file
 
 
