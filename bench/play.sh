@@ -248,26 +248,29 @@ PIDS[nginx_master]=$!
 NGINX_BASE="http://127.0.0.1:$NGINX_PORT"
 
 declare -A BASE=()
-start_edge() {  # start_edge NAME ENV...
-    local name=$1 port; shift
+start_edge() {  # start_edge NAME CHECKOUT ENV...: that checkout's edge (python -m imports from
+    local name=$1 code=$2 port; shift 2  # the working directory first, PYTHONPATH after it)
     port=$(free_port)
-    env EDGE_REDIS_KEY_PREFIX="${PREFIX}${name}:" REDIS_URL="$BENCH_REDIS" \
+    (cd "$code" && exec env EDGE_REDIS_KEY_PREFIX="${PREFIX}${name}:" REDIS_URL="$BENCH_REDIS" \
         EDGE_MEDIA_SECRET="$MEDIA_SECRET" \
         EDGE_STREAM_LIMITS=free=100000,premium=100000,hifi=100000 "$@" \
-        "${SRV[@]}" "$PY" -m edge serve --host 127.0.0.1 --port "$port" \
+        "${SRV[@]}" "$PY" -m edge serve --host 127.0.0.1 --port "$port") \
         > "$OUT/serve-$name.log" 2>&1 3>&- &
     PIDS[$name]=$!
     BASE[$name]="http://127.0.0.1:$port"
 }
-start_edge a
-start_edge b CDN_DOMAIN=cdn.example.com CLOUDFRONT_KEY_PAIR_ID=K2PLAYBENCH0001 \
+start_edge a "$REPO"
+start_edge b "$REPO" CDN_DOMAIN=cdn.example.com CLOUDFRONT_KEY_PAIR_ID=K2PLAYBENCH0001 \
     CLOUDFRONT_PRIVATE_KEY_FILE="$WORK/cloudfront.pem"
-start_edge c EDGE_CDN_URL="$NGINX_BASE"
+start_edge c "$REPO" EDGE_CDN_URL="$NGINX_BASE"
 SERVERS=(a b c)
 if [[ -n $BASELINE ]]; then
     [[ -f $BASELINE/edge/__init__.py ]] || die "BASELINE=$BASELINE is not a checkout of this repository"
-    start_edge d EDGE_CDN_URL="$NGINX_BASE" PYTHONPATH="$(cd "$BASELINE" && pwd)"
-    start_edge e PYTHONPATH="$(cd "$BASELINE" && pwd)"
+    BASELINE=$(cd "$BASELINE" && pwd)
+    [[ $(cd "$BASELINE" && "$PY" -c 'import edge; print(edge.__file__)') == "$BASELINE/edge/__init__.py" ]] \
+        || die "python -m edge in $BASELINE does not import its own edge/"
+    start_edge d "$BASELINE" EDGE_CDN_URL="$NGINX_BASE"
+    start_edge e "$BASELINE"
     SERVERS+=(d e)
     echo "baseline (d): $BASELINE at $(git -C "$BASELINE" rev-parse --short HEAD 2>/dev/null || echo '?')" >> "$OUT/env.txt"
 fi
