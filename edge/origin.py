@@ -460,8 +460,8 @@ class OriginResponse:
     async def pipe(self, sink: Sink, expected: int) -> int:
         """Write up to `expected` body bytes to the sink, reading from the origin only while the
         sink has room; returns how many were written (fewer: the body ended early). Raises
-        ConnectionError when the sink (or, mid-body, the origin) went away, OriginError when the
-        origin went silent or broke the framing."""
+        ConnectionError when the sink went away, OriginError when the origin went silent, went
+        away mid-body or broke the framing."""
         conn = self._conn
         assert conn is not None, "body already piped"
         try:

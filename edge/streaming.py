@@ -157,8 +157,10 @@ async def send(
         await response.prepare(request)
         if request.transport is not None:
             # A slow player's unsent bytes wait in this process: keep at most about one chunk
-            # of them (the default allows 64 KiB beyond the chunk being written).
-            request.transport.set_write_buffer_limits(high=client_buffer)
+            # of them (the default allows 64 KiB beyond the chunk being written). (1 for 0: TLS
+            # transports pause while their buffer is >= the mark, so at 0 they never resume; TCP
+            # ones pause while it is > the mark, so 1 is 0 there.)
+            request.transport.set_write_buffer_limits(high=max(client_buffer, 1))
         writer = request.writer
         sink = ClientSink(request, writer)
         if decision.status == 200:
@@ -178,7 +180,7 @@ async def send(
             await response.write(trailer)
             sent += len(trailer)
         await response.write_eof()
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+    except ConnectionError:  # (aiohttp's drain raises a bare one when the client is gone)
         return Sent(response, sent, "client_gone")
     except SourceFailed as exc:
         _abort(request)
@@ -198,7 +200,15 @@ async def _pump(
         return await _pipe(writer, chunks, expected, sent_before, sink)
     got = 0
     try:
-        async for chunk in chunks:
+        while got < expected:
+            # What the source raises is the source's failure (a ConnectionError too: its
+            # upstream's); what writing raises, the client's.
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except Exception as exc:
+                raise SourceFailed(sent_before + got, f"{type(exc).__name__}: {exc}") from exc
             if got + len(chunk) > expected:
                 chunk = chunk[: expected - got]
             if chunk:
@@ -208,12 +218,6 @@ async def _pump(
                 # slow player would otherwise hold up to 64 KiB and a chunk here.)
                 await writer.drain()
                 got += len(chunk)
-            if got >= expected:
-                break
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-        raise
-    except Exception as exc:
-        raise SourceFailed(sent_before + got, f"{type(exc).__name__}: {exc}") from exc
     finally:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
@@ -239,7 +243,7 @@ async def _pipe(
         raise
     try:
         await body.pipe(sink, expected)
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+    except ConnectionError:  # (the sink's: a pipe reports its source's failures otherwise)
         raise
     except Exception as exc:
         got = sink.written - before

@@ -251,10 +251,17 @@ class _PageCache:
         return max(0, start + missing * mmap.PAGESIZE - offset)
 
 
-try:
-    _page_cache: _PageCache | None = _PageCache() if hasattr(os, "sendfile") else None
+try:  # (64-bit only: the mapping's offset is passed as a 64-bit off_t)
+    _page_cache: _PageCache | None = (
+        _PageCache() if hasattr(os, "sendfile") and ctypes.sizeof(ctypes.c_void_p) == 8 else None
+    )
 except (OSError, AttributeError):  # no libc with mmap and mincore: no sendfile
     _page_cache = None
+
+# What sendfile(2) reports of the client's connection, not of the file: the client is gone.
+_SOCKET_ERRNOS = frozenset(
+    (errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.ENOTCONN)
+)
 
 
 def _send_cached(out: int, fd: int, offset: int, count: int) -> int:
@@ -271,10 +278,14 @@ def _send_cached(out: int, fd: int, offset: int, count: int) -> int:
         return os.sendfile(out, fd, offset, count)
     except BlockingIOError:
         return 0
+    except ConnectionError:
+        raise
     except OSError as exc:
         if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             _page_cache = None  # this file system or socket cannot: chunks from now on
             return 0
+        if exc.errno in _SOCKET_ERRNOS:
+            raise ConnectionResetError(exc.errno, f"the client's connection failed: {exc}") from exc
         raise
 
 
@@ -313,6 +324,8 @@ class _FileRange:
             offset += len(block)
             if not sink.write(block):
                 await sink.drain()
+            else:
+                await asyncio.sleep(0)  # (the others' turn, when the kernel takes it all)
         return offset - self.offset
 
     def close(self) -> None:

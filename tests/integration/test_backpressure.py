@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import socket
+import ssl
+import struct
 import sys
 import termios
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -20,6 +23,8 @@ from aiohttp.test_utils import TestServer
 
 from edge.ranges import ByteRange, RangeDecision
 from edge.streaming import CLIENT_WRITE_BUFFER, Representation, send
+from tests.integration.test_origin import _self_signed
+from tests.integration.test_proxy import eventually
 
 CHUNK = 32 * 1024
 CHUNKS = 48  # 1.5 MiB: far more than the socket buffers below hold
@@ -73,3 +78,98 @@ async def test_source_is_read_only_when_the_client_has_taken_the_last_chunk(
     assert max(unsent_at_read) <= client_buffer
     # The client really was slower than the source: its backlog was in the kernel.
     assert min(kernel_at_read[CHUNKS // 2 :]) > 0
+
+
+async def test_a_file_s_mark_of_none_streams_over_tls(tmp_path: Path) -> None:
+    """client_buffer=0 over TLS: TLS transports pause while their buffer is at or over the
+    mark, so a mark of 0 would pause them for good after the first full socket (the body
+    stalled after ~32 KiB, the handler holding its file). The whole body must arrive."""
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    reads = 0
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        async def source(_: ByteRange | None) -> AsyncIterator[bytes]:
+            nonlocal reads
+            for n in range(CHUNKS):
+                reads += 1
+                yield bytes([n]) * CHUNK
+
+        rep = Representation(CHUNK * CHUNKS, "audio/flac", None, None)
+        sent = await send(request, RangeDecision(200), rep, source, client_buffer=0)
+        return sent.response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow player's window
+        sock.connect(("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=client_ctx, server_hostname="localhost"
+        )
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+        async def read_all() -> int:
+            received = 0
+            while chunk := await reader.read(2048):
+                received += len(chunk)
+            return received
+
+        received = await asyncio.wait_for(read_all(), 60)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert received > CHUNK * CHUNKS
+    assert reads == CHUNKS
+
+
+async def test_a_client_gone_while_its_stream_waits_is_client_gone() -> None:
+    """A player that stops reading (the stream waits for the transport to drain) and then
+    resets its connection: the outcome is client_gone, not a failure of the source. (With
+    aiohttp's handler cancellation off, the handler itself sees the reset: aiohttp's drain
+    then raises a bare ConnectionError.)"""
+    outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    requests: list[web.Request] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        requests.append(request)
+
+        async def source(_: ByteRange | None) -> AsyncIterator[bytes]:
+            for n in range(CHUNKS * 8):
+                yield bytes([n % 256]) * CHUNK
+
+        rep = Representation(CHUNK * CHUNKS * 8, "audio/flac", None, None)
+        sent = await send(request, RangeDecision(200), rep, source, client_buffer=0)
+        outcome.set_result(sent.outcome)
+        return sent.response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    # (TestServer always cancels handlers; edge serve does too, and this must hold without.)
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        player = socket.socket()
+        player.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        player.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(player, ("127.0.0.1", runner.addresses[0][1]))
+        await loop.sock_sendall(player, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await eventually(  # the stream waits: the player reads nothing
+            lambda: bool(requests) and requests[0].protocol.writing_paused
+        )
+        player.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        player.close()  # a reset, as a player skipping a track does
+        assert await asyncio.wait_for(outcome, 30) == "client_gone"
+    finally:
+        await runner.cleanup()
