@@ -57,6 +57,9 @@ psql -XAtq -F ' ' "$DATABASE_URL" -c "SELECT track_id, object_key, bytes FROM re
     WHERE format = 'flac' ORDER BY random() LIMIT 1000" >"$out/flac.txt"
 awk '{print "/play/" $1 "?mode=proxy&format=flac"}' "$out/flac.txt" >"$out/paths-proxy.txt"
 max_start=$(( $(awk '{print $3}' "$out/flac.txt" | sort -n | head -1) - RANGE_BYTES ))
+if [[ " $A $B " == *" proxy "* || " $A $B " == *" media "* ]] && (( max_start < 0 )); then
+    echo "the smallest FLAC in $BENCH_DB is shorter than RANGE_BYTES=$RANGE_BYTES" >&2; exit 2
+fi
 echo /api/v1/tracks/popular >"$out/paths-popular.txt"
 "$python" - "$EDGE_JWT_SECRET" "$USERS" "$out/players.txt" <<'PY'
 import sys

@@ -332,7 +332,7 @@ class _FileRange:
         """(The file is the handler's to close.)"""
 
 
-def _file_chunks(media: MediaFile) -> Source:
+def _file_body(media: MediaFile) -> Source:
     def body(part: ByteRange | None) -> _FileRange:
         return _FileRange(media, 0 if part is None else part.start)
 
@@ -382,7 +382,7 @@ async def media(request: web.Request) -> web.StreamResponse:
             request,
             decision,
             rep,
-            _file_chunks(media),
+            _file_body(media),
             {"Cache-Control": "private, max-age=3600"},
             client_buffer=0,
         )
