@@ -89,6 +89,7 @@ class Settings:
     plays_flush_seconds: float = 5.0
     upstream_connections: int = 4096
     upstream_buffer: int = 32 * 1024
+    stream_kernel_unsent: int = 128 * 1024
     play_threshold_seconds: float = 30.0
     slow_query_ms: float = 100.0
     search_broad_matches: int = 20_000
@@ -214,6 +215,9 @@ class Settings:
             upstream_connections=e.integer("EDGE_UPSTREAM_CONNECTIONS", 4096, minimum=1),
             upstream_buffer=e.integer(
                 "EDGE_UPSTREAM_BUFFER", 32 * 1024, minimum=4096, maximum=16 * 1024 * 1024
+            ),
+            stream_kernel_unsent=e.integer(
+                "EDGE_STREAM_KERNEL_UNSENT", 128 * 1024, minimum=0, maximum=64 * 1024 * 1024
             ),
             play_threshold_seconds=e.number("EDGE_PLAY_THRESHOLD_SECONDS", 30.0, minimum=0.0),
             slow_query_ms=e.number("EDGE_SLOW_QUERY_MS", 100.0, minimum=0.0),

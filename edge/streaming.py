@@ -8,6 +8,8 @@ connection: a client must never take a short body for a complete one.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,6 +49,8 @@ Source = Callable[[ByteRange | None], AsyncIterator[Chunk] | Pipe]
 # proxying cost the same CPU per MiB (bench/PLAY_RESULTS.md, session 8); 0 saved more memory
 # but cost 6% more CPU per MiB (the origin paused and resumed after every partial write).
 CLIENT_WRITE_BUFFER = 4 * 1024
+
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)  # (Linux, macOS)
 
 
 class SourceFailed(Exception):
@@ -138,11 +142,14 @@ async def send(
     source: Source,
     extra_headers: dict[str, str] | None = None,
     client_buffer: int = CLIENT_WRITE_BUFFER,
+    kernel_unsent: int = 0,
 ) -> Sent:
     """Stream the decided ranges of the representation. A client that goes away, or a source
     that fails mid-body (the connection is then aborted), is reported in the outcome: both are
     facts of streaming life, not errors of the handler. `client_buffer`: the client's unsent
-    bytes kept here before the source waits (the transport's high-water mark)."""
+    bytes kept here before the source waits (the transport's high-water mark);
+    `kernel_unsent`: those kept in the kernel's socket buffer (see limit_kernel_unsent; 0
+    leaves the system's setting)."""
     boundary = multipart_boundary() if decision.is_multipart else None
     length, ctype = _length_and_type(decision, rep, boundary)
     response = web.StreamResponse(status=decision.status, headers=_common(rep))
@@ -161,6 +168,8 @@ async def send(
             # transports pause while their buffer is >= the mark, so at 0 they never resume; TCP
             # ones pause while it is > the mark, so 1 is 0 there.)
             request.transport.set_write_buffer_limits(high=max(client_buffer, 1))
+            if kernel_unsent:
+                limit_kernel_unsent(request.transport, kernel_unsent)
         writer = request.writer
         sink = ClientSink(request, writer)
         if decision.status == 200:
@@ -254,6 +263,26 @@ async def _pipe(
     if got < expected:
         raise SourceFailed(sent_before + got, f"source ended after {got} of {expected} bytes")
     return got
+
+
+def limit_kernel_unsent(transport: asyncio.BaseTransport, nbytes: int) -> None:
+    """Let the kernel keep at most about `nbytes` of the connection's bytes not yet sent
+    (TCP_NOTSENT_LOWAT; what is in flight, sent and not yet acknowledged, is not limited, so
+    a fast client's throughput is not). Without it the kernel grows a socket's send buffer by
+    its own rules, and a slow player's buffer fills with audio it will take minutes to read:
+    1000 slow players proxied on one machine held 1 to 2 GB in the kernel's send queues
+    (bench/PLAY_RESULTS.md, session 9), and every new stream cost the CPU of filling its
+    megabytes before the next player got its first byte. A transport without a TCP socket is
+    left as it is."""
+    sock = transport.get_extra_info("socket")
+    if _TCP_NOTSENT_LOWAT is None or sock is None:
+        return
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, nbytes)
+    except OSError:  # (a kernel without the option)
+        return
 
 
 def _abort(request: web.Request) -> None:

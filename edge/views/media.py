@@ -385,6 +385,7 @@ async def media(request: web.Request) -> web.StreamResponse:
             _file_body(media),
             {"Cache-Control": "private, max-age=3600"},
             client_buffer=0,
+            kernel_unsent=app[keys.SETTINGS].stream_kernel_unsent,
         )
     finally:
         media.close()

@@ -392,7 +392,9 @@ async def _proxy(
 
     transfer_started = time.perf_counter()
     try:
-        sent = await send(request, decision, rep, source, headers)
+        sent = await send(
+            request, decision, rep, source, headers, kernel_unsent=settings.stream_kernel_unsent
+        )
     except asyncio.CancelledError:
         # The client went away and aiohttp cancelled the handler (the pipe closed its origin
         # response): count it like any disconnect.

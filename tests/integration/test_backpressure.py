@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.typedefs import Handler
 
 from edge.ranges import ByteRange, RangeDecision
 from edge.streaming import CLIENT_WRITE_BUFFER, Representation, send
@@ -28,6 +29,25 @@ from tests.integration.test_proxy import eventually
 
 CHUNK = 32 * 1024
 CHUNKS = 48  # 1.5 MiB: far more than the socket buffers below hold
+
+
+async def read_slowly(handler: Handler) -> int:
+    """GET / from a server with this handler, as a slow reader with a small receive buffer
+    (small reads): the bytes received, headers and body."""
+    app = web.Application()
+    app.router.add_get("/", handler)
+    async with TestServer(app) as server:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(client, (server.host, server.port))
+        await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = 0
+        while chunk := await loop.sock_recv(client, 2048):
+            received += len(chunk)
+        client.close()
+    return received
 
 
 @pytest.mark.parametrize("client_buffer", [CLIENT_WRITE_BUFFER, 0], ids=["default", "none"])
@@ -57,19 +77,7 @@ async def test_source_is_read_only_when_the_client_has_taken_the_last_chunk(
         sent = await send(request, RangeDecision(200), rep, source, client_buffer=client_buffer)
         return sent.response
 
-    app = web.Application()
-    app.router.add_get("/", handler)
-    async with TestServer(app) as server:
-        client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.setblocking(False)
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(client, (server.host, server.port))
-        await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        received = 0
-        while chunk := await loop.sock_recv(client, 2048):  # a slow reader: small reads
-            received += len(chunk)
-        client.close()
+    received = await read_slowly(handler)
 
     assert received > CHUNK * CHUNKS  # the whole body (and the headers) arrived
     assert len(unsent_at_read) == CHUNKS
@@ -78,6 +86,45 @@ async def test_source_is_read_only_when_the_client_has_taken_the_last_chunk(
     assert max(unsent_at_read) <= client_buffer
     # The client really was slower than the source: its backlog was in the kernel.
     assert min(kernel_at_read[CHUNKS // 2 :]) > 0
+
+
+SIOCOUTQNSD = 0x894B  # (linux/sockios.h) a TCP socket's bytes queued and not yet sent
+
+
+@pytest.mark.parametrize("kernel_unsent", [64 * 1024, 0], ids=["limited", "system"])
+async def test_a_slow_player_s_kernel_queue_holds_about_kernel_unsent(kernel_unsent: int) -> None:
+    """With kernel_unsent, the kernel keeps about that much of a slow player's stream not yet
+    sent (TCP_NOTSENT_LOWAT): at most that, one chunk and one segment, each time the source
+    is read. Without it (0, the system's setting), the kernel grows the socket's buffer by its
+    own rules: on loopback to megabytes of audio the player will take minutes to read."""
+    chunks = 128  # 4 MiB
+    not_sent_at_read: list[int] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        assert sock is not None
+
+        async def source(_: ByteRange | None) -> AsyncIterator[bytes]:
+            for n in range(chunks):
+                queued = fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0" * 4)
+                not_sent_at_read.append(int.from_bytes(queued, sys.byteorder))
+                yield bytes([n]) * CHUNK
+
+        rep = Representation(CHUNK * chunks, "audio/flac", None, None)
+        sent = await send(request, RangeDecision(200), rep, source, kernel_unsent=kernel_unsent)
+        assert sent.outcome == "ok"
+        return sent.response
+
+    received = await read_slowly(handler)
+
+    assert received > CHUNK * chunks
+    assert len(not_sent_at_read) == chunks
+    bound = 64 * 1024 + CHUNK + 64 * 1024  # the limit, a chunk, a loopback segment
+    if kernel_unsent:
+        assert max(not_sent_at_read) <= bound
+        assert max(not_sent_at_read) > 0  # (the player really was the slower one)
+    else:
+        assert max(not_sent_at_read) > bound
 
 
 async def test_a_file_s_mark_of_none_streams_over_tls(tmp_path: Path) -> None:

@@ -575,3 +575,30 @@ async def test_what_is_not_a_regular_file_is_404_at_once(
         server.close()
         await server.wait_closed()
     assert (await client.get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize("route", ["media", "proxy"])
+@pytest.mark.parametrize("kernel_unsent", [96 * 1024, 0], ids=["set", "system"])
+async def test_streams_ask_the_kernel_to_keep_little_unsent(
+    route: str, kernel_unsent: int, make_client: MakeClient, playable: dict[str, Any]
+) -> None:
+    """/media and proxy mode's /play set EDGE_STREAM_KERNEL_UNSENT on the connection they
+    stream to (TCP_NOTSENT_LOWAT; streaming.send's effect is tested in test_backpressure);
+    0 leaves the system's setting. In proxy mode from the own origin, both of Edge's ends of
+    the stream (the player's connection and /media's) have it."""
+    client = await make_client(stream_kernel_unsent=kernel_unsent)
+    server = client.server.runner.server
+    assert server is not None
+    if route == "media":
+        url = sign(client, "/media/" + rendition(playable, "mp3").object_key)
+        resp = await client.get(url)
+    else:
+        resp = await client.get(play_path(playable, mode="proxy"), headers=bearer())
+    assert resp.status == 200
+    assert await resp.read() == rendition(playable, "mp3").path.read_bytes()
+    connections = list(server.connections)  # (kept alive: the player's, and the proxy's)
+    assert len(connections) == (1 if route == "media" else 2)
+    for handler in connections:
+        assert handler.transport is not None
+        sock = handler.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == kernel_unsent
