@@ -47,8 +47,10 @@ def scrape(base: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in METRIC.finditer(text) if m.group(1) in wanted}
 
 
-def established(port: int) -> int:
-    """Established TCP connections whose local port is Edge's (the server side of each)."""
+def established(port: int) -> tuple[int, int]:
+    """Established TCP connections whose local port is Edge's (the server side of each), and
+    the bytes their kernel send queues hold (Send-Q: not yet acknowledged by the player). That
+    memory is the kernel's, not in Edge's RSS, but a slow player costs it all the same."""
     out = subprocess.run(
         ["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
         capture_output=True,
@@ -56,18 +58,21 @@ def established(port: int) -> int:
         timeout=20,
         check=False,
     ).stdout
-    return sum(1 for line in out.splitlines() if line.strip())
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    return len(rows), sum(int(row[1]) for row in rows)
 
 
 def sample(base: str, pid: int, port: int) -> dict[str, Any]:
     m = scrape(base)
+    connections, send_queues = established(port)
     return {
         "t": round(time.time(), 1),
         "vmrss_mb": round(vm_rss_bytes(pid) / 2**20, 1),
         "process_resident_memory_mb": round(m.get("process_resident_memory_bytes", 0) / 2**20, 1),
         "in_flight": m.get("edge_http_requests_in_flight"),
         "open_fds": m.get("process_open_fds"),
-        "established_to_edge_port": established(port),
+        "established_to_edge_port": connections,
+        "kernel_send_queues_mb": round(send_queues / 2**20, 1),
     }
 
 
@@ -215,6 +220,7 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         max_process_resident_memory_mb=max(s["process_resident_memory_mb"] for s in samples),
         min_in_flight=min(s["in_flight"] or 0 for s in samples),
         min_established=min(s["established_to_edge_port"] for s in samples),
+        max_kernel_send_queues_mb=max(s["kernel_send_queues_mb"] for s in samples),
     )
     return result
 

@@ -313,7 +313,9 @@ def markdown(s: dict[str, Any]) -> str:
             per = (r["max_rss_mb"] - r["before"]["vmrss_mb"]) / r["min_streaming"]
             L.append(
                 f"- {label}: {per * 1024:.0f} KiB of RSS per open stream; time to the status"
-                f" line (median, s): {json.dumps(r.get('seconds_to_status_median', {}))}"
+                f" line (median, s): {json.dumps(r.get('seconds_to_status_median', {}))};"
+                f" kernel send queues of Edge's connections (max):"
+                f" {r.get('max_kernel_send_queues_mb', '-')} MB"
             )
     sess = s.get("sessions")
     L += ["", "### 4. /metrics scrape time", ""]
