@@ -162,6 +162,12 @@ class Settings:
             ) from None
         if any(not 1 <= x <= 100 for x in warm_limits):
             raise SettingsError("EDGE_POPULAR_WARM_LIMITS: each limit must be within 1..100")
+        # (A few bytes would make the kernel send a stream a segment at a time.)
+        kernel_unsent = e.integer("EDGE_STREAM_KERNEL_UNSENT", 128 * 1024, minimum=0)
+        if 0 < kernel_unsent < 16 * 1024 or kernel_unsent > 64 * 1024 * 1024:
+            raise SettingsError(
+                f"EDGE_STREAM_KERNEL_UNSENT: {kernel_unsent} is not 0 or within 16384..67108864"
+            )
         return cls(
             database_url=_database_url(e),
             db_pool_min=pool_min,
@@ -216,9 +222,7 @@ class Settings:
             upstream_buffer=e.integer(
                 "EDGE_UPSTREAM_BUFFER", 32 * 1024, minimum=4096, maximum=16 * 1024 * 1024
             ),
-            stream_kernel_unsent=e.integer(
-                "EDGE_STREAM_KERNEL_UNSENT", 128 * 1024, minimum=0, maximum=64 * 1024 * 1024
-            ),
+            stream_kernel_unsent=kernel_unsent,
             play_threshold_seconds=e.number("EDGE_PLAY_THRESHOLD_SECONDS", 30.0, minimum=0.0),
             slow_query_ms=e.number("EDGE_SLOW_QUERY_MS", 100.0, minimum=0.0),
             search_broad_matches=e.integer("EDGE_SEARCH_BROAD_MATCHES", 20_000, minimum=1),

@@ -266,14 +266,15 @@ async def _pipe(
 
 
 def limit_kernel_unsent(transport: asyncio.BaseTransport, nbytes: int) -> None:
-    """Let the kernel keep at most about `nbytes` of the connection's bytes not yet sent
-    (TCP_NOTSENT_LOWAT; what is in flight, sent and not yet acknowledged, is not limited, so
-    a fast client's throughput is not). Without it the kernel grows a socket's send buffer by
-    its own rules, and a slow player's buffer fills with audio it will take minutes to read:
-    1000 slow players proxied on one machine held 1 to 2 GB in the kernel's send queues
-    (bench/PLAY_RESULTS.md, session 9), and every new stream cost the CPU of filling its
-    megabytes before the next player got its first byte. A transport without a TCP socket is
-    left as it is."""
+    """Let the kernel keep about `nbytes` of the connection's bytes not yet sent, plus the write
+    that crossed the mark (TCP_NOTSENT_LOWAT; what is in flight, sent and not yet
+    acknowledged, is not limited, so a fast client's throughput is not). Without it the kernel
+    grows a socket's send buffer by its own rules, and a slow player's buffer fills with audio
+    it will take minutes to read: 1000 slow players proxied on one machine held 1 to 2 GB in
+    the kernel's send queues (bench/PLAY_RESULTS.md, session 9), and every new stream cost the
+    CPU of filling its megabytes before the next player got its first byte. A transport
+    without a TCP socket is left as it is. (The option stays on a kept-alive connection for
+    its later responses, which is harmless: small ones never reach the mark.)"""
     sock = transport.get_extra_info("socket")
     if _TCP_NOTSENT_LOWAT is None or sock is None:
         return
