@@ -11,6 +11,7 @@
 #   A=healthz B=healthz B_ENV="EDGE_OBSERVE=false EDGE_LOG_LEVEL=WARNING" A_ENV=EDGE_LOG_LEVEL=INFO \
 #       bash bench/pair.sh                                  # metrics and logging (issue 4)
 #   A=track B=track B_CODE=/tmp/old bash bench/pair.sh      # this code against another checkout
+#   AT_ONCE=0 A=healthz B=track bash bench/pair.sh          # each side alone on CPU 0, in turns
 #
 # Loads: healthz; track (GET /api/v1/tracks/{id} over the hot ids, warm cache); popular
 # (GET /api/v1/tracks/popular); redirect (GET /play/{id}, USERS player tokens, local signer);
@@ -18,16 +19,21 @@
 # offset: the side proxies from its own /media, so its CPU counts both ends); media (the same
 # ranges of signed /media URLs of the FLACs directly).
 # A_CODE/B_CODE: the checkout whose edge/ package a side runs (default this one); A_ENV/B_ENV:
-# its extra environment (words NAME=VALUE). Between rounds the sides swap which wrk starts
+# its extra environment (words NAME=VALUE); A_SERVE/B_SERVE=floor: the side runs bench/floor.py
+# (Edge with the track and /play handlers cut down to the least they must do) instead of
+# `edge serve`. Between rounds the sides swap which wrk starts
 # first. The catalog is $BENCH_DB (default edge_bench: bench/catalog.sh makes it; SEED=N makes a
 # small one here instead, e.g. SEED=2000). Needs wrk, PostgreSQL and Redis (BENCH_PG,
 # BENCH_REDIS: default the local ones), and 2+ CPUs.
+# AT_ONCE=0: in each round the sides run one after the other, each with CPU 0 to itself (as one
+# worker per core is deployed), and their req/s ratio is printed too; they still share the
+# machine's slower swings, which the at-once rounds cancel better, but not one core's caches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 here=$PWD
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 2; }
 A=${A:-healthz} B=${B:-track}
-ROUNDS=${ROUNDS:-6} DURATION=${DURATION:-5} CONNECTIONS=${CONNECTIONS:-32} USERS=${USERS:-500}
+ROUNDS=${ROUNDS:-6} DURATION=${DURATION:-5} AT_ONCE=${AT_ONCE:-1} CONNECTIONS=${CONNECTIONS:-32} USERS=${USERS:-500}
 RANGE_BYTES=${RANGE_BYTES:-1048576}
 BENCH_DB=${BENCH_DB:-edge_bench}
 export DATABASE_URL=${BENCH_PG:-postgresql://postgres@127.0.0.1:5432}/$BENCH_DB
@@ -86,16 +92,31 @@ PY
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 declare -A port pid load
 load[A]=$A load[B]=$B
-cleanup() { for p in ${pid[@]+"${pid[@]}"}; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+    for p in ${pid[@]+"${pid[@]}"}; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    # This run's Redis keys (sessions live an hour: a day of runs would leave millions, and
+    # every SCAN on that Redis, the tests' included, would wade through them).
+    timeout 120 "$python" - "$REDIS_URL" "pair-A-$$:" "pair-B-$$:" <<'PY' || true
+import sys, redis
+r = redis.Redis.from_url(sys.argv[1])
+for prefix in sys.argv[2:]:
+    keys = list(r.scan_iter(match=prefix + "*", count=1000))
+    for i in range(0, len(keys), 500):
+        r.unlink(*keys[i:i + 500])
+PY
+}
 trap cleanup EXIT
 for side in A B; do
-    code_var=${side}_CODE env_var=${side}_ENV
+    code_var=${side}_CODE env_var=${side}_ENV serve_var=${side}_SERVE
     code=${!code_var:-$here}
+    serve=(-m edge serve)
+    [[ ${!serve_var:-} == floor ]] && serve=("$here/bench/floor.py")
     port[$side]=$(free_port)
     # shellcheck disable=SC2086  # the variables are words on purpose
     # (One worker: the CPU counted is this process's own.)
     (cd "$code" && exec env EDGE_LOG_LEVEL=WARNING ${!env_var:-} EDGE_WORKERS=1 EDGE_PORT="${port[$side]}" \
-        EDGE_REDIS_KEY_PREFIX="pair-$side-$$:" taskset -c 0 "$python" -m edge serve) \
+        EDGE_REDIS_KEY_PREFIX="pair-$side-$$:" taskset -c 0 "$python" "${serve[@]}") \
         >"$out/$side.log" 2>&1 &
     pid[$side]=$!
 done
@@ -130,18 +151,24 @@ for r in $(seq 1 "$ROUNDS"); do
     first=A second=B
     (( r % 2 == 0 )) && first=B second=A
     a0=$(ticks A) b0=$(ticks B)
-    wrk_run "$first" "$DURATION" >"$out/n-$first" &
-    w=$!
-    wrk_run "$second" "$DURATION" >"$out/n-$second"
-    wait "$w"
+    if (( AT_ONCE )); then
+        wrk_run "$first" "$DURATION" >"$out/n-$first" &
+        w=$!
+        wrk_run "$second" "$DURATION" >"$out/n-$second"
+        wait "$w"
+    else
+        wrk_run "$first" "$DURATION" >"$out/n-$first"
+        wrk_run "$second" "$DURATION" >"$out/n-$second"
+    fi
     a1=$(ticks A) b1=$(ticks B)
     echo "$r $(cat "$out/n-A") $((a1 - a0)) $(cat "$out/n-B") $((b1 - b0))" | tee -a "$out/rounds.txt"
 done
-"$python" - "$out/rounds.txt" "$A${A_ENV:+ [$A_ENV]}${A_CODE:+ @$A_CODE}" \
-    "$B${B_ENV:+ [$B_ENV]}${B_CODE:+ @$B_CODE}" "$(getconf CLK_TCK)" <<'PY'
+"$python" - "$out/rounds.txt" "$A${A_ENV:+ [$A_ENV]}${A_CODE:+ @$A_CODE}${A_SERVE:+ ($A_SERVE)}" \
+    "$B${B_ENV:+ [$B_ENV]}${B_CODE:+ @$B_CODE}${B_SERVE:+ ($B_SERVE)}" "$(getconf CLK_TCK)" "$AT_ONCE" "$DURATION" <<'PY'
 import statistics, sys
 rows = [list(map(int, line.split())) for line in open(sys.argv[1]) if line.strip()]
 name_a, name_b, hz = sys.argv[2], sys.argv[3], int(sys.argv[4])
+at_once, seconds = sys.argv[5] != "0", float(sys.argv[6])
 cost = lambda n, t: t * 1e6 / hz / n  # Edge CPU µs per request
 ratios = []
 for r, na, ta, nb, tb in rows:
@@ -152,6 +179,12 @@ for r, na, ta, nb, tb in rows:
 print(f"A = {name_a}\nB = {name_b}")
 print(f"A: {statistics.median(cost(r[1], r[2]) for r in rows):.1f} µs CPU/request, "
       f"B: {statistics.median(cost(r[3], r[4]) for r in rows):.1f} (medians)")
-print(f"B's throughput as a share of A's (per CPU second, same seconds): "
+when = "same seconds" if at_once else "each alone on CPU 0, in turns"
+print(f"B's throughput as a share of A's (per CPU second, {when}): "
       f"median {statistics.median(ratios):.1%}, rounds {min(ratios):.1%}..{max(ratios):.1%}")
+if not at_once:  # each side had the core to itself: wrk's req/s are each side's throughput
+    rps = [nb / na for _, na, _, nb, _ in rows]
+    print(f"req/s: A {statistics.median(r[1] for r in rows) / seconds:.0f}, "
+          f"B {statistics.median(r[3] for r in rows) / seconds:.0f} (medians); B/A per round: "
+          f"median {statistics.median(rps):.1%}, rounds {min(rps):.1%}..{max(rps):.1%}")
 PY
