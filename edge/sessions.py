@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import structlog
 from hiredis import pack_command
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -84,8 +85,28 @@ def active_key(user_id: str) -> str:
     return f"streaming:active:{user_id}"
 
 
+# The fields of a session hash that make its SessionState, in the order the open script
+# returns them. (Only these, by position: the whole hash by name made the reply twice as long,
+# and reading it cost a redirect about 2% more CPU; bench/PLAY_RESULTS.md, session 10.)
+STATE_FIELDS = (
+    "user",
+    "track",
+    "format",
+    "bitrate",
+    "bytes",
+    "tput",
+    "tput_at",
+    "buf_n",
+    "buf_at",
+    "started",
+    "counted",
+    "choice_track",
+)
+
 # KEYS: session, user's active set, everybody's active set.
 # ARGV: sid, user, track, now, ttl, limit, active_until, preload.
+# Returns {'ok' or 'new', the STATE_FIELDS' values (nil where unset)}, or {'forbidden'}, or
+# {'limit', active streams}.
 _OPEN = """
 local owner = redis.call('HGET', KEYS[1], 'user')
 if owner and owner ~= ARGV[2] then return {'forbidden'} end
@@ -110,10 +131,10 @@ else
   redis.call('HSET', KEYS[1], 'seen', ARGV[4])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-local state = redis.call('HGETALL', KEYS[1])
+local state = redis.call('HMGET', KEYS[1], FIELDS)
 table.insert(state, 1, owner and 'ok' or 'new')
 return state
-"""
+""".replace("FIELDS", ", ".join(f"'{f}'" for f in STATE_FIELDS))
 
 # KEYS: session, plays queue. ARGV: track, row. Once per session and track.
 _COUNT_PLAY = """
@@ -160,29 +181,75 @@ class SessionState(NamedTuple):
     choice_track: int | None = None
 
     @classmethod
-    def from_redis(cls, sid: str, flat: list[Any], created: bool) -> SessionState:
-        words = iter([w.decode() if type(w) is bytes else str(w) for w in flat])
-        get = dict(zip(words, words, strict=False)).get  # (pairs: one iterator, twice)
+    def from_redis(cls, sid: str, values: list[Any], created: bool) -> SessionState:
+        """From the values of STATE_FIELDS, in that order (None where a field is unset)."""
+        (
+            user,
+            track,
+            fmt,
+            bitrate,
+            served,
+            tput,
+            tput_at,
+            buf_n,
+            buf_at,
+            started,
+            counted,
+            choice_track,
+        ) = [w.decode() if type(w) is bytes else w for w in values]
         return cls(
             sid,
-            get("user", ""),
-            _int(get("track")),
-            get("format"),
-            _int(get("bitrate")),
-            _int(get("bytes")) or 0,
-            _float(get("tput")),
-            _float(get("tput_at")),
-            _int(get("buf_n")) or 0,
-            _float(get("buf_at")),
-            _float(get("started")) or 0.0,
-            _int(get("counted")),
+            user or "",
+            _int(track),
+            fmt,
+            _int(bitrate),
+            _int(served) or 0,
+            _float(tput),
+            _float(tput_at),
+            _int(buf_n) or 0,
+            _float(buf_at),
+            _float(started) or 0.0,
+            _int(counted),
             created,
-            _int(get("choice_track")),
+            _int(choice_track),
         )
+
+    @classmethod
+    def from_hash(cls, sid: str, fields: dict[str, str], created: bool) -> SessionState:
+        """From a session hash as HGETALL gives it (decoded)."""
+        return cls.from_redis(sid, [fields.get(f) for f in STATE_FIELDS], created)
 
 
 # One script call, packed (RESP: EVALSHA, its sha, the number of keys, the keys, the arguments).
 _Call = bytes
+
+
+async def _read_replies(parser: _AsyncHiredisParser, count: int, results: list[Any]) -> None:
+    """A batch's replies straight from the connection's hiredis reader. redis-py's
+    read_response goes through three coroutines and formats the server's address for each reply;
+    a redirect costs about 4% less CPU without them (bench/PLAY_RESULTS.md, session 10). What
+    that path adds is not needed here: the batch has one deadline (the caller's), an error reply
+    is this call's result (hiredis gives it as an exception object, as redis-py would raise it),
+    a socket error is a ConnectionError as redis-py makes it, and the caller disconnects a
+    connection that failed."""
+    reader: Any = parser._reader
+    stream, size = parser._stream, parser._read_size
+    if stream is None:  # (set when the connection connected, as the reader is)
+        raise RedisConnectionError("Connection is not connected.")
+    for _ in range(count):
+        reply = reader.gets()
+        while reply is NOT_ENOUGH_DATA:
+            try:
+                data = await stream.read(size)
+            except OSError as exc:
+                raise RedisConnectionError(f"Error while reading from Redis: {exc}") from exc
+            if not data:
+                raise RedisConnectionError("Connection closed by server.")
+            reader.feed(data)
+            reply = reader.gets()
+        if isinstance(reply, RedisConnectionError):  # (what redis-py raises, not returns)
+            raise reply
+        results.append(reply)
 
 
 def _abandon(batch: list[tuple[_Call, asyncio.Future[Any] | None]], _: object) -> None:
@@ -312,11 +379,15 @@ class ScriptBatch:
                 timeout *= -(-len(calls) // REPLIES_PER_TIMEOUT)
             try:
                 async with asyncio.timeout(timeout):
-                    for _ in calls:
-                        try:
-                            results.append(await conn.read_response(timeout=math.inf))
-                        except ResponseError as exc:  # this call's error (NOSCRIPT, ...)
-                            results.append(exc)
+                    parser = conn._parser
+                    if type(parser) is _AsyncHiredisParser and parser._reader is not None:
+                        await _read_replies(parser, len(calls), results)
+                    else:
+                        for _ in calls:
+                            try:
+                                results.append(await conn.read_response(timeout=math.inf))
+                            except ResponseError as exc:  # this call's error (NOSCRIPT, ...)
+                                results.append(exc)
             except TimeoutError:
                 raise RedisTimeoutError(
                     f"Timeout reading {len(calls)} replies from Redis"

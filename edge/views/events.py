@@ -180,16 +180,12 @@ async def _apply(
     elif e.type == "playing":
         track = state.get("track")
         if track and state.get("counted") != track:
-            session = SessionState.from_redis(e.sid, _flat(state), False)
+            session = SessionState.from_hash(e.sid, state, False)
             rendition = {"format": state.get("format"), "bitrate_kbps": _int(state.get("bitrate"))}
             if await count_play(app, session, int(track), rendition, "event"):
                 state["counted"] = track
     elif e.type in ("paused", "ended"):
         await sessions.stop(e.sid, state["user"])
-
-
-def _flat(h: dict[str, str]) -> list[str]:
-    return [x for kv in h.items() for x in kv]
 
 
 def _int(value: str | None) -> int | None:

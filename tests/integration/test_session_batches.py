@@ -273,3 +273,58 @@ async def test_a_redis_that_stops_answering_fails_the_batch_and_the_next_one_wor
         assert batch.batches == 3
     finally:
         await own.aclose()
+
+
+# A script whose answers are of every shape a batch may get back: a word, an error reply (for
+# this call alone), nil, and a reply far longer than one read from the socket.
+_SHAPES = """
+if ARGV[1] == 'error' then return redis.error_reply('ERR refused ' .. ARGV[2]) end
+if ARGV[1] == 'nil' then return false end
+if ARGV[1] == 'long' then return string.rep('x', tonumber(ARGV[2])) end
+return ARGV[2]
+"""
+
+
+@pytest.mark.parametrize("parser", ["hiredis", "redis-py"])
+async def test_a_batch_reads_every_reply_of_every_shape_in_order(
+    servers: Servers, parser: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replies are read straight from the connection's hiredis reader (redis-py's read_response
+    is not used), and with another parser through redis-py: the same answers either way,
+    including an error reply for its call alone and a reply that spans many socket reads."""
+    from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
+    from redis.asyncio.connection import AbstractConnection
+
+    parser_class = _AsyncHiredisParser if parser == "hiredis" else _AsyncRESP2Parser
+    own = aioredis.Redis.from_url(servers.redis_url, parser_class=parser_class)
+    read_response = AbstractConnection.read_response
+    reads = 0
+
+    async def counted(self: AbstractConnection, *args: object, **kwargs: object) -> object:
+        nonlocal reads
+        reads += 1
+        return await read_response(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AbstractConnection, "read_response", counted)
+    try:
+        batch = ScriptBatch(own, _SHAPES)
+        await own.script_load(batch.script)  # (connects: its handshake's replies not counted)
+        reads = 0
+        long_reply = 3 * 1024 * 1024 + 7  # many reads of the parser's 64 KiB
+        calls = [
+            ("word", "one"),
+            ("error", "two"),
+            ("nil", ""),
+            ("long", str(long_reply)),
+            ("word", "five"),
+        ]
+        answers = [batch.call([], args) for args in calls]
+        results = await asyncio.gather(*(a for a in answers if a), return_exceptions=True)
+        word, error, nil, long, last = results
+        assert word == b"one" and last == b"five" and nil is None
+        assert isinstance(error, ResponseError) and "refused two" in str(error)
+        assert isinstance(long, bytes) and len(long) == long_reply and set(long) == {ord("x")}
+        assert batch.batches == 1
+        assert reads == (0 if parser == "hiredis" else len(calls))
+    finally:
+        await own.aclose()
