@@ -106,6 +106,10 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         socket_connect_timeout=settings.redis_timeout,
         health_check_interval=30,
         max_connections=256,
+        # RESP2 unless the URL asks for another (`?protocol=3`): Edge uses nothing of RESP3,
+        # and on RESP2 a batch's replies are read straight from hiredis (sessions.ScriptBatch),
+        # which RESP3's push messages between replies would not allow.
+        protocol=2,
     )
     app[keys.REDIS] = client
     app[keys.CACHE] = cache = Cache(client, app[keys.METRICS], settings)

@@ -224,7 +224,25 @@ class SessionState(NamedTuple):
 _Call = bytes
 
 
-async def _read_replies(parser: _AsyncHiredisParser, count: int, results: list[Any]) -> None:
+def _hiredis_reader(conn: Any) -> tuple[Any, asyncio.StreamReader, int] | None:
+    """The connection's hiredis reader, its stream and read size, where its replies can be read
+    from them directly: a RESP2 connection (RESP3 interleaves push messages with replies) whose
+    parser is redis-py's hiredis one, with the attributes this version of redis-py has (5.3 to
+    8.x do). Else None: the replies go through redis-py's read_response."""
+    parser = conn._parser
+    if type(parser) is not _AsyncHiredisParser or conn.protocol not in (2, "2"):
+        return None
+    reader = getattr(parser, "_reader", None)
+    stream = getattr(parser, "_stream", None)
+    size = getattr(parser, "_read_size", None)
+    if reader is None or not isinstance(stream, asyncio.StreamReader) or type(size) is not int:
+        return None
+    return reader, stream, size
+
+
+async def _read_replies(
+    reader: Any, stream: asyncio.StreamReader, size: int, count: int, results: list[Any]
+) -> None:
     """A batch's replies straight from the connection's hiredis reader. redis-py's
     read_response goes through three coroutines and formats the server's address for each reply;
     a redirect costs about 4% less CPU without them (bench/PLAY_RESULTS.md, session 10). What
@@ -232,10 +250,6 @@ async def _read_replies(parser: _AsyncHiredisParser, count: int, results: list[A
     is this call's result (hiredis gives it as an exception object, as redis-py would raise it),
     a socket error is a ConnectionError as redis-py makes it, and the caller disconnects a
     connection that failed."""
-    reader: Any = parser._reader
-    stream, size = parser._stream, parser._read_size
-    if stream is None:  # (set when the connection connected, as the reader is)
-        raise RedisConnectionError("Connection is not connected.")
     for _ in range(count):
         reply = reader.gets()
         while reply is NOT_ENOUGH_DATA:
@@ -247,8 +261,11 @@ async def _read_replies(parser: _AsyncHiredisParser, count: int, results: list[A
                 raise RedisConnectionError("Connection closed by server.")
             reader.feed(data)
             reply = reader.gets()
-        if isinstance(reply, RedisConnectionError):  # (what redis-py raises, not returns)
+        # (What redis-py raises rather than returns, as its parser does.)
+        if isinstance(reply, RedisConnectionError):
             raise reply
+        if type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
+            raise reply[0]
         results.append(reply)
 
 
@@ -267,9 +284,10 @@ class ScriptBatch:
     share that cost and the round trip. A caller waits one loop iteration longer. The batch is
     packed by hiredis (in C; redis-py's own packing was an eighth of a redirect's CPU) and
     written on a connection of redis-py's pool, whose connection handling (auth, database,
-    timeouts) and reply parser (hiredis) it keeps. A server that lost its scripts (a restart)
-    answers NOSCRIPT, then the script is loaded and the batch sent once more. At most
-    MAX_PENDING_CALLS wait: past that a call fails at once, as if Redis were down.
+    timeouts) it keeps; the replies are read from that connection's hiredis reader directly
+    (`_read_replies`) where it has one, else through redis-py. A server that lost its scripts
+    (a restart) answers NOSCRIPT, then the script is loaded and the batch sent once more. At
+    most MAX_PENDING_CALLS wait: past that a call fails at once, as if Redis were down.
     """
 
     def __init__(
@@ -370,18 +388,23 @@ class ScriptBatch:
             await conn.send_packed_command(b"".join(calls))
             results: list[Any] = []
             # One deadline for the batch's replies, not a timer set and cancelled per reply as
-            # redis-py's read_response does by default (the redis-py installed here skips it for
-            # timeout=inf; older ones still set one, harmlessly). The socket timeout for each
-            # REPLIES_PER_TIMEOUT replies: a big batch on a busy but healthy Redis is not
-            # taken for a dead one.
+            # redis-py's read_response does by default (where the replies still go through it,
+            # timeout=inf skips its own; older redis-py still sets one, harmlessly). The socket
+            # timeout for each REPLIES_PER_TIMEOUT replies: a big batch on a busy but healthy
+            # Redis is not taken for a dead one.
             timeout = conn.socket_timeout
             if timeout is not None:
                 timeout *= -(-len(calls) // REPLIES_PER_TIMEOUT)
             try:
                 async with asyncio.timeout(timeout):
-                    parser = conn._parser
-                    if type(parser) is _AsyncHiredisParser and parser._reader is not None:
-                        await _read_replies(parser, len(calls), results)
+                    direct = _hiredis_reader(conn)
+                    if direct is not None:
+                        await _read_replies(*direct, len(calls), results)
+                        # (As read_response does: a connection that just answered needs no
+                        # health-check PING before its next use.)
+                        if conn.health_check_interval:
+                            loop = asyncio.get_running_loop()
+                            conn.next_health_check = loop.time() + conn.health_check_interval
                     else:
                         for _ in calls:
                             try:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from edge import keys
+from edge import sessions as sessions_module
 from edge.auth import issue
 from edge.jobs import flush_plays
 from edge.sessions import active_key
@@ -178,6 +179,35 @@ async def test_token_sources(make_client: MakeClient, playable: dict[str, Any], 
     # The tier came from the token: only hifi gets flac.
     assert resp.headers["X-Stream-Format"] == "flac"
     assert resp.headers["X-Stream-Session"]
+
+
+async def test_session_replies_are_read_from_hiredis_directly(
+    make_client: MakeClient, playable: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Edge's Redis client speaks RESP2, so /play's session batches read their replies straight
+    from hiredis (sessions._read_replies), and the session they answer is the right one."""
+    client = await make_client()
+    app = client.app
+    assert app is not None
+    reads = 0
+    real = sessions_module._read_replies
+
+    async def counted(*args: Any) -> None:
+        nonlocal reads
+        reads += 1
+        await real(*args)
+
+    monkeypatch.setattr(sessions_module, "_read_replies", counted)
+    first = await play(client, playable["tracks"]["hells"], user="resp2")
+    again = await play(client, playable["tracks"]["hells"], user="resp2")
+    assert first.status == again.status == 302
+    assert again.headers["X-Stream-Session"] == first.headers["X-Stream-Session"]
+    assert reads >= 2
+    connection = await app[keys.REDIS].connection_pool.get_connection()
+    try:
+        assert connection.protocol == 2
+    finally:
+        await app[keys.REDIS].connection_pool.release(connection)
 
 
 async def test_missing_token_is_401(make_client: MakeClient, playable: dict[str, Any]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -15,6 +17,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from edge.embedded import free_port
 from edge.sessions import MAX_PENDING_CALLS, ScriptBatch, SessionError, Sessions, SessionState
 from tests.conftest import Servers
+
+
+@pytest.fixture
+async def redis_client(servers: Servers) -> AsyncIterator[aioredis.Redis]:
+    """As Edge's own client (edge/resources.py): RESP2, so batches read their replies from
+    hiredis directly. (The clients this module makes itself are RESP2 too, but where a test
+    says otherwise.)"""
+    client = aioredis.Redis.from_url(servers.redis_url, protocol=2)
+    yield client
+    await client.aclose()
 
 
 def lost_counter() -> Counter:
@@ -209,7 +221,7 @@ async def test_a_pooled_connection_redis_closed_is_replaced(
     """Redis may close an idle client (its `timeout`, a restart, CLIENT KILL): the next batch
     goes out on a new connection instead of failing its players."""
     name = f"edge-batch-{uuid.uuid4().hex[:8]}"
-    own = aioredis.Redis.from_url(servers.redis_url, client_name=name)
+    own = aioredis.Redis.from_url(servers.redis_url, client_name=name, protocol=2)
     try:
         batch = ScriptBatch(own, "return ARGV[1]")
         await own.script_load(batch.script)
@@ -231,7 +243,7 @@ async def test_a_restarted_redis_closed_the_connection_and_forgot_the_script(
     """After a Redis restart both happen at once: the pooled connection is gone and so is the
     script. One batch needs a new connection and a reload; its players still get answers."""
     name = f"edge-batch-{uuid.uuid4().hex[:8]}"
-    own = aioredis.Redis.from_url(servers.redis_url, client_name=name)
+    own = aioredis.Redis.from_url(servers.redis_url, client_name=name, protocol=2)
     try:
         batch = ScriptBatch(own, f"return ARGV[1] .. '{name}'")  # a script of this test's own
         await own.script_load(batch.script)
@@ -252,7 +264,7 @@ async def test_a_redis_that_stops_answering_fails_the_batch_and_the_next_one_wor
     """The batch's replies share one deadline (the socket timeout): when Redis stops answering
     (here paused for real), every caller hears of it, and the connection that still owes replies
     is dropped, so a later batch reads its own answers and not the late ones."""
-    own = aioredis.Redis.from_url(servers.redis_url, socket_timeout=0.2)
+    own = aioredis.Redis.from_url(servers.redis_url, socket_timeout=0.2, protocol=2)
     try:
         batch = ScriptBatch(own, "return ARGV[1]")
         await own.script_load(batch.script)
@@ -285,18 +297,20 @@ return ARGV[2]
 """
 
 
-@pytest.mark.parametrize("parser", ["hiredis", "redis-py"])
+@pytest.mark.parametrize("parser", ["hiredis", "redis-py", "hiredis-resp3"])
 async def test_a_batch_reads_every_reply_of_every_shape_in_order(
     servers: Servers, parser: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Replies are read straight from the connection's hiredis reader (redis-py's read_response
-    is not used), and with another parser through redis-py: the same answers either way,
-    including an error reply for its call alone and a reply that spans many socket reads."""
+    is not used), and with another parser or RESP3 (whose push messages come between replies)
+    through redis-py: the same answers either way, including an error reply for its call alone
+    and a reply that spans many socket reads."""
     from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
     from redis.asyncio.connection import AbstractConnection
 
-    parser_class = _AsyncHiredisParser if parser == "hiredis" else _AsyncRESP2Parser
-    own = aioredis.Redis.from_url(servers.redis_url, parser_class=parser_class)
+    parser_class = _AsyncRESP2Parser if parser == "redis-py" else _AsyncHiredisParser
+    protocol = 3 if parser == "hiredis-resp3" else 2
+    own = aioredis.Redis.from_url(servers.redis_url, parser_class=parser_class, protocol=protocol)
     read_response = AbstractConnection.read_response
     reads = 0
 
@@ -328,3 +342,78 @@ async def test_a_batch_reads_every_reply_of_every_shape_in_order(
         assert reads == (0 if parser == "hiredis" else len(calls))
     finally:
         await own.aclose()
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the real Redis that can cut a connection after a number of bytes
+    of Redis's answers: a Redis (or a network) that dies in the middle of a reply."""
+
+    def __init__(self, redis_url: str) -> None:
+        url = urlsplit(redis_url)
+        self.upstream = (url.hostname or "127.0.0.1", url.port or 6379)
+        self.cut_after: int | None = None  # armed: bytes of answers to pass, then cut
+        self.connections = 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        redis_r, redis_w = await asyncio.open_connection(*self.upstream)
+
+        async def requests() -> None:
+            while data := await client_r.read(65536):
+                redis_w.write(data)
+                await redis_w.drain()
+
+        async def answers() -> None:
+            while data := await redis_r.read(65536):
+                if self.cut_after is not None and len(data) >= self.cut_after:
+                    client_w.write(data[: self.cut_after])
+                    await client_w.drain()
+                    self.cut_after = None  # (once)
+                    return
+                if self.cut_after is not None:
+                    self.cut_after -= len(data)
+                client_w.write(data)
+                await client_w.drain()
+
+        try:
+            _done, pending = await asyncio.wait(
+                [asyncio.ensure_future(requests()), asyncio.ensure_future(answers())],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for task in pending:
+                task.cancel()
+        finally:
+            client_w.close()
+            redis_w.close()
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_a_connection_cut_in_the_middle_of_a_reply_is_replaced_and_the_batch_sent_again(
+    servers: Servers,
+) -> None:
+    """Redis's answer stops half-way (the connection closes): the batch is not answered with
+    half a reply; it goes out again once on a new connection, and every caller gets its own
+    whole answer."""
+    proxy = CuttingProxy(servers.redis_url)
+    port = await proxy.start()
+    own = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=5, protocol=2)
+    try:
+        batch = ScriptBatch(own, _SHAPES)
+        await own.script_load(batch.script)
+        assert proxy.connections == 1
+        proxy.cut_after = 100_000  # inside the first reply, 300,000 bytes long
+        answers = [batch.call([], ("long", "300000")), batch.call([], ("word", "after"))]
+        long, word = await asyncio.gather(*(a for a in answers if a))
+        assert long == b"x" * 300_000 and word == b"after"
+        assert proxy.connections == 2 and proxy.cut_after is None  # cut once, then replaced
+        assert batch.batches == 1
+    finally:
+        await own.aclose()
+        await proxy.close()
