@@ -20,8 +20,8 @@
 # ranges of signed /media URLs of the FLACs directly).
 # A_CODE/B_CODE: the checkout whose edge/ package a side runs (default this one); A_ENV/B_ENV:
 # its extra environment (words NAME=VALUE); A_SERVE/B_SERVE=floor: the side runs bench/floor.py
-# (Edge with the track and /play handlers cut down to the least they must do) instead of
-# `edge serve`. Between rounds the sides swap which wrk starts
+# (Edge with the track and /play handlers cut down to the least they must do; always this
+# checkout's code) instead of `edge serve`. Between rounds the sides swap which wrk starts
 # first. The catalog is $BENCH_DB (default edge_bench: bench/catalog.sh makes it; SEED=N makes a
 # small one here instead, e.g. SEED=2000). Needs wrk, PostgreSQL and Redis (BENCH_PG,
 # BENCH_REDIS: default the local ones), and 2+ CPUs.
