@@ -34,9 +34,10 @@ from aiohttp import hdrs, web
 from edge import auth, keys
 from edge.app import create_app
 from edge.cli import _run
-from edge.sessions import ScriptBatch, device_session_id
+from edge.sessions import ScriptBatch
 from edge.settings import Settings
 from edge.views import api
+from edge.views.play import device_sid
 
 JSON = "application/json"
 CACHE_CONTROL = "public, max-age=30"
@@ -71,11 +72,9 @@ async def play(request: web.Request) -> web.Response:
     app = request.app
     who = auth.principal(request, app[keys.VERIFIER], allow_anonymous=False)
     steps = app[STEPS]
-    loop = asyncio.get_running_loop()
     if "open" in steps:  # Edge's own session open: its script, its state, as /play calls it
         track_id = int(request.match_info["id"])
-        device = f"{request.remote}\x00{request.headers.get('User-Agent', '')}"
-        sid = device_session_id(app[keys.SESSION_SECRET], who.user_id, device)
+        sid = device_sid(request, who.user_id)
         state = await app[keys.SESSIONS].open(
             sid, who.user_id, track_id, limit=STREAMS, remaining_seconds=TRACK_SECONDS
         )
@@ -86,6 +85,7 @@ async def play(request: web.Request) -> web.Response:
         assert answer is not None
         await answer
     elif "yield" in steps:  # what any wait for I/O costs, without the I/O
+        loop = asyncio.get_running_loop()
         answer = loop.create_future()
         loop.call_soon(answer.set_result, None)
         await answer

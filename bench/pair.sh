@@ -20,8 +20,8 @@
 # ranges of signed /media URLs of the FLACs directly).
 # A_CODE/B_CODE: the checkout whose edge/ package a side runs (default this one); A_ENV/B_ENV:
 # its extra environment (words NAME=VALUE); A_SERVE/B_SERVE=floor: the side runs bench/floor.py
-# (Edge with the track and /play handlers cut down to the least they must do; always this
-# checkout's code) instead of `edge serve`. Between rounds the sides swap which wrk starts
+# (Edge with the track and /play handlers cut down to the least they must do; this checkout's
+# script over the side's edge/) instead of `edge serve`. Between rounds the sides swap which wrk starts
 # first. The catalog is $BENCH_DB (default edge_bench: bench/catalog.sh makes it; SEED=N makes a
 # small one here instead, e.g. SEED=2000). Needs wrk, PostgreSQL and Redis (BENCH_PG,
 # BENCH_REDIS: default the local ones), and 2+ CPUs.
@@ -115,7 +115,9 @@ for side in A B; do
     port[$side]=$(free_port)
     # shellcheck disable=SC2086  # the variables are words on purpose
     # (One worker: the CPU counted is this process's own.)
-    (cd "$code" && exec env EDGE_LOG_LEVEL=WARNING ${!env_var:-} EDGE_WORKERS=1 EDGE_PORT="${port[$side]}" \
+    # (PYTHONPATH: a script's own folder, not the working directory, comes first on its path,
+    # and the installed edge may be any checkout's.)
+    (cd "$code" && exec env PYTHONPATH="$code" EDGE_LOG_LEVEL=WARNING ${!env_var:-} EDGE_WORKERS=1 EDGE_PORT="${port[$side]}" \
         EDGE_REDIS_KEY_PREFIX="pair-$side-$$:" taskset -c 0 "$python" "${serve[@]}") \
         >"$out/$side.log" 2>&1 &
     pid[$side]=$!

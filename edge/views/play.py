@@ -119,6 +119,13 @@ def _own_base(request: web.Request) -> str:
     return f"http://[{host}]:{sockname[1]}" if ":" in host else f"http://{host}:{sockname[1]}"
 
 
+def device_sid(request: web.Request, user_id: str) -> str:
+    """The session of this user on this device (address and User-Agent), for a player that
+    sends no `sid`."""
+    device = f"{request.remote}\x00{request.headers.get('User-Agent', '')}"
+    return device_session_id(request.app[keys.SESSION_SECRET], user_id, device)
+
+
 def background(app: web.Application, coro: Coroutine[Any, Any, Any]) -> None:
     app[keys.BACKGROUND].spawn(coro)
 
@@ -139,8 +146,7 @@ async def play(request: web.Request) -> web.StreamResponse:
     if sid is not None and not valid_session_id(sid):
         raise bad_request("sid is not a session id", "bad_session")
     if sid is None:
-        device = f"{request.remote}\x00{request.headers.get('User-Agent', '')}"
-        sid = device_session_id(app[keys.SESSION_SECRET], who.user_id, device)
+        sid = device_sid(request, who.user_id)
     requested_bitrate = _int_param(request, "bitrate", 1, 100_000)
     track = await load_track(app, track_id)
     if track is None:
