@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from contextvars import ContextVar
 from json.encoder import encode_basestring_ascii as _json_string  # C, from the stdlib
+from typing import Any
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
@@ -77,9 +79,13 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-# One access line: method, route, path (as sent, without the query), status, bytes sent (None
-# when unknown), seconds, request id, user id (None when unknown), wall-clock time.
-AccessRow = tuple[str, str, str, int, "int | None", float, str, "str | None", float]
+# What the observe middleware leaves per request, for the HTTP metrics and the access line:
+# method, route (request.match_info.route, named by the reader), path (as sent, without the
+# query), request id, user id (None when unknown), status, bytes sent (None when unknown), and
+# time.perf_counter() at start and end. One flat tuple of the values, not the request: what a
+# request leaves behind until its batch is settled costs more than its allocation (holding
+# the request object itself instead cost 8% of /healthz: bench/RESULTS.md, session 11).
+RequestRow = tuple[str, Any, str, str, "str | None", int, "int | None", float, float]
 
 
 class AccessLog:
@@ -102,30 +108,31 @@ class AccessLog:
         self.json_formatter: logging.Formatter | None = None
         self._logger = logging.getLogger(self.LOGGER)
         self._slow = structlog.get_logger(self.LOGGER)
-        self._seconds = _SecondsText()
+        self._milliseconds = _MillisecondText()
 
     def enabled(self) -> bool:
         return self._logger.isEnabledFor(logging.INFO)
 
-    def write(self, rows: list[AccessRow]) -> None:
+    def write(self, rows: list[RequestRow], routes: Mapping[Any, str]) -> None:
+        """The access lines of a batch of rows; `routes` names their routes."""
         if not rows or not self.enabled():
             return
         formatter = self.json_formatter
         if formatter is None:
-            for method, route, path, status, sent, seconds, request_id, user_id, _ in rows:
+            for method, route, path, request_id, user_id, status, sent, started, ended in rows:
                 self._slow.info(
                     "request",
                     method=method,
-                    route=route,
+                    route=routes[route],
                     path=path,
                     status=status,
                     bytes=sent,
-                    duration_ms=round(seconds * 1000, 3),
+                    duration_ms=round((ended - started) * 1000, 3),
                     request_id=request_id,
                     **({} if user_id is None else {"user_id": user_id}),
                 )
             return
-        text = self._render(rows)
+        text = self._render(rows, routes)
         for handler in logging.getLogger().handlers:
             if handler.formatter is formatter and isinstance(handler, logging.StreamHandler):
                 handler.acquire()
@@ -137,37 +144,44 @@ class AccessLog:
                 finally:
                     handler.release()
 
-    def _render(self, rows: list[AccessRow]) -> str:
+    def _render(self, rows: list[RequestRow], routes: Mapping[Any, str]) -> str:
         """The JSON lines of a batch, in the key order structlog renders. Method (an HTTP
         token), route name and request id (ours, or a client's that matched [A-Za-z0-9._:-])
         need no escaping; the path and the user id are escaped as JSON strings. One f-string a
-        line: no call per field, no format string parsed per line."""
-        seconds_text = self._seconds
+        line: no call per field, no format string parsed per line. Times are written from
+        whole microseconds with integer formatting and tables (a float formatted with :.3f or
+        :06d costs twice as much: a third of the line's cost)."""
+        wall = time.time() - time.perf_counter()
+        stamps, digits = self._milliseconds, _THREE_DIGITS
         return "".join(
             [
-                f'{{"method":"{method}","route":"{route}","path":{_json_string(path)},'
-                f'"status":{status},"bytes":{"null" if sent is None else sent},'
-                f'"duration_ms":{seconds * 1000:.3f},"event":"request",'
-                f'"request_id":"{request_id}"'
+                f'{{"method":"{method}","route":"{routes[route]}","path":{_json_string(path)},'
+                f'"status":{status},"bytes":{"null" if sent is None else sent},"duration_ms":'
+                f"{(us := int((ended - started) * 1e6 + 0.5)) // 1000}.{digits[us % 1000]},"
+                f'"event":"request","request_id":"{request_id}"'
                 f"{'' if user_id is None else _USER_KEY + _json_string(user_id)},"
-                f'"level":"info","logger":"edge.access",'
-                f'"timestamp":"{seconds_text[int(at)]}.{int(at % 1 * 1e6):06d}Z"}}\n'
-                for method, route, path, status, sent, seconds, request_id, user_id, at in rows
+                f'"level":"info","logger":"edge.access","timestamp":'
+                f'"{stamps[(at := int((ended + wall) * 1e6)) // 1000]}{digits[at % 1000]}Z"}}\n'
+                for method, route, path, request_id, user_id, status, sent, started, ended in rows
             ]
         )
 
 
 _USER_KEY = ',"user_id":'
+_THREE_DIGITS = [f"{n:03d}" for n in range(1000)]
 
 
-class _SecondsText(dict[int, str]):
-    """A Unix second -> its ISO 8601 text in UTC, as structlog's TimeStamper(fmt="iso",
-    utc=True) renders it up to the fraction; made once per second, a few kept."""
+class _MillisecondText(dict[int, str]):
+    """A Unix millisecond -> its ISO 8601 text in UTC, as structlog's TimeStamper(fmt="iso",
+    utc=True) renders it up to the millisecond (a line adds the microseconds); made once per
+    millisecond, a few hundred kept."""
 
-    def __missing__(self, second: int) -> str:
-        if len(self) > 8:
+    def __missing__(self, millisecond: int) -> str:
+        if len(self) >= 512:
             self.clear()
-        text = self[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        second, rest = divmod(millisecond, 1000)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{rest:03d}"
+        self[millisecond] = text
         return text
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import operator
-import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
@@ -32,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from edge.logs import AccessRow, access_log
+from edge.logs import RequestRow, access_log
 
 log = structlog.get_logger(__name__)
 
@@ -99,13 +98,6 @@ class LoopCount:
         self.value += amount
 
 
-# What the observe middleware leaves per request: (method, route, path) as attrgetter reads
-# them off the request, request id, user id, status, bytes sent, and perf_counter() at start
-# and end.
-RequestRow = tuple[tuple[str, Any, str], str, "str | None", int, "int | None", float, float]
-REQUEST_FIELDS = operator.attrgetter("method", "match_info.route", "rel_url.raw_path")
-
-
 def route_label(route: Any) -> str:
     """A request's route (request.match_info.route) as a label value: its name. Unmatched
     paths share one value, as raw paths would make the label set unbounded."""
@@ -170,22 +162,19 @@ class HttpStats(Collector):
         # (A bug here must not fail the request whose row filled the batch: logged, and the
         # batch is dropped.)
         try:
-            # One pass, a handful of operations a row: count it, and shape its access line.
+            # One pass, a handful of operations a row, to count them; the access lines are
+            # rendered from the same rows (no intermediate tuple per row).
             entries, bounds, names = self.entries, self.bounds, self._names
             width = len(bounds) + 2
-            wall = time.time() - time.perf_counter()
-            lines: list[AccessRow] = []
-            for (method, route, path), request_id, user_id, status, sent, started, ended in rows:
-                name = names[route]
+            for method, route, _, _, _, status, _, started, ended in rows:
                 seconds = ended - started
-                entry = entries.get((name, method, status))
+                key = (names[route], method, status)
+                entry = entries.get(key)
                 if entry is None:
-                    entry = entries[name, method, status] = [0] * width
+                    entry = entries[key] = [0] * width
                 entry[bisect_left(bounds, seconds)] += 1
                 entry[-1] += seconds
-                at = ended + wall
-                lines.append((method, name, path, status, sent, seconds, request_id, user_id, at))
-            access_log.write(lines)
+            access_log.write(rows, names)
         except Exception:
             log.exception("http_stats_settle_failed", rows=len(rows))
 

@@ -20,5 +20,5 @@ _ROUTES: dict[str, Route] = {}
 def count_response(stats: HttpStats, route: str, method: str, status: int, seconds: float) -> None:
     matched = _ROUTES.setdefault(route, Route(route))
     stats.in_flight += 1  # (as the middleware does; settling a row takes it off)
-    stats.rows.append(((method, matched, f"/{route}"), "test", None, status, 0, 0.0, seconds))
+    stats.rows.append((method, matched, f"/{route}", "test", None, status, 0, 0.0, seconds))
     stats.settle()

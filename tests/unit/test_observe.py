@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -17,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge import logs
+from edge import logs, middlewares
 from edge.alerts import histogram_quantile, is_response_time
 from edge.metrics import HttpStats, Metrics, merge_expositions
 from tests.counted import count_response
@@ -115,16 +117,21 @@ async def writes(json_stream: io.StringIO) -> list[str]:
     return made
 
 
-def row(request_id: str, user_id: str | None = None) -> logs.AccessRow:
-    """One access line's fields, as HttpStats.settle hands them over."""
-    return ("GET", "healthz", "/healthz", 200, 15, 0.000123, request_id, user_id, time.time())
+# The route names of the rows these tests write (HttpStats.settle hands over its own).
+ROUTES = {None: "healthz"}
+
+
+def row(request_id: str, user_id: str | None = None) -> logs.RequestRow:
+    """One row as the observe middleware leaves it: 123 µs to answer."""
+    ended = time.perf_counter()
+    return ("GET", None, "/healthz", request_id, user_id, 200, 15, ended - 0.000123, ended)
 
 
 async def test_access_lines_are_written_in_batches(writes: list[str]) -> None:
     stats = HttpStats()
     stats.SETTLE_SECONDS = 0.001
     for n in range(5):
-        stats.rows.append((("GET", None, "/healthz"), f"r{n}", None, 200, 15, 1.0, 1.0001))
+        stats.rows.append(("GET", None, "/healthz", f"r{n}", None, 200, 15, 1.0, 1.0001))
         if n == 0:
             stats.schedule()  # as the middleware does for the first row of a batch
     assert writes == []  # nothing written while the requests are being answered
@@ -141,7 +148,7 @@ def test_access_line_has_the_keys_structlog_renders(json_stream: io.StringIO) ->
     # The same event through structlog's pipeline, for comparison.
     logging.getLogger("edge.test").info("x")  # a foreign (stdlib) line also renders as JSON
     structlog_line = json.loads(json_stream.getvalue().splitlines()[-1])
-    json_access_log().write([row("abc", "u1")])
+    json_access_log().write([row("abc", "u1")], ROUTES)
     line = json.loads(json_stream.getvalue().splitlines()[-1])
     assert set(structlog_line) <= set(line)
     assert line["event"] == "request" and line["level"] == "info"
@@ -161,7 +168,7 @@ def test_access_line_has_the_keys_structlog_renders(json_stream: io.StringIO) ->
 def test_console_mode_goes_through_structlog(caplog: pytest.LogCaptureFixture) -> None:
     access = logs.AccessLog()  # no JSON formatter: the terminal's readable output
     with caplog.at_level(logging.INFO, logger="edge.access"):
-        access.write([row("abc", "u1")])
+        access.write([row("abc", "u1")], ROUTES)
     events = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
     assert any(e.get("event") == "request" and e.get("user_id") == "u1" for e in events)
 
@@ -254,8 +261,8 @@ async def test_rows_are_counted_and_logged_when_settled(writes: list[str]) -> No
     route = app.router.add_get("/x", _ok, name="api_x")
     stats = HttpStats(buckets=(0.001, 0.01))
     stats.in_flight = 3  # three requests started; two have finished
-    stats.rows.append((("GET", route, "/x"), "r1", None, 200, 15, 10.0, 10.0005))
-    stats.rows.append((("POST", None, "/nowhere"), "r2", "u\u00e9", 404, None, 11.0, 11.02))
+    stats.rows.append(("GET", route, "/x", "r1", None, 200, 15, 10.0, 10.0005))
+    stats.rows.append(("POST", None, "/nowhere", "r2", "u\u00e9", 404, None, 11.0, 11.02))
     assert writes == []
     # Reading the numbers settles the rows first: nothing read is ever behind.
     assert stats.total() == 2
@@ -277,11 +284,58 @@ async def test_rows_are_counted_and_logged_when_settled(writes: list[str]) -> No
 
 
 def test_access_lines_escape_what_needs_it(json_stream: io.StringIO) -> None:
-    line_fields = ("GET", "page_search", '/s/"x"\\', 200, None, 1.5, "r1", 'a"b\\c\n', time.time())
-    json_access_log().write([line_fields])
+    line_fields = ("GET", None, '/s/"x"\\', "r1", 'a"b\\c\n', 200, None, 10.0, 11.5)
+    json_access_log().write([line_fields], {None: "page_search"})
     line = json.loads(json_stream.getvalue().splitlines()[-1])
     assert line["user_id"] == 'a"b\\c\n' and line["path"] == '/s/"x"\\'
     assert line["bytes"] is None and line["duration_ms"] == 1500.0
+
+
+def test_access_line_times_are_the_rows_own_to_the_microsecond(json_stream: io.StringIO) -> None:
+    # Rows spread over 2.5 s (so over second and millisecond boundaries, where the cached
+    # text of a millisecond must not leak into the next), each rendered to its own instant.
+    now = time.perf_counter()
+    starts = [now + n * 0.0123457 for n in range(200)]
+    rows = [
+        ("GET", None, "/healthz", f"r{n}", None, 200, 15, start, start + took)
+        for n, (start, took) in enumerate(
+            zip(starts, [0.000123, 0.0009996, 0.0125, 1.5, 0.0000004] * 40, strict=True)
+        )
+    ]
+    wall = time.time() - time.perf_counter()
+    json_access_log().write(rows, ROUTES)
+    wall_after = time.time() - time.perf_counter()
+    lines = [json.loads(text) for text in json_stream.getvalue().splitlines()[-len(rows) :]]
+    assert [line["request_id"] for line in lines] == [row[3] for row in rows]
+    for line, (*_, started, ended) in zip(lines, rows, strict=True):
+        stamp = datetime.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+        # (The clock offset is read once per batch, between these two readings.)
+        assert ended + wall - 0.000002 <= stamp.timestamp() <= ended + wall_after + 0.000002
+        assert line["duration_ms"] == round((ended - started) * 1000, 3)
+
+
+def test_request_ids_are_unique_random_hex_across_batches() -> None:
+    ids = middlewares._request_ids()
+    taken = [next(ids) for _ in range(3 * 1024 + 7)]  # past three reads of the random source
+    assert len(set(taken)) == len(taken)
+    assert all(len(i) == 32 and set(i) <= set("0123456789abcdef") for i in taken)
+
+
+def test_a_forked_child_hands_out_ids_of_its_own() -> None:
+    next(middlewares._new_ids)  # the parent has a batch under way
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then gone without running pytest's teardown
+        try:
+            os.write(write, " ".join(next(middlewares._new_ids) for _ in range(10)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split()
+    os.waitpid(pid, 0)
+    parent = [next(middlewares._new_ids) for _ in range(10)]
+    assert len(child) == 10 and not set(child) & set(parent)
 
 
 # -- the response-time alert reads the same histogram -------------------------------------------
