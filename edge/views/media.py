@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import ctypes
 import errno
+import functools
 import hashlib
 import mimetypes
 import mmap
@@ -153,9 +154,6 @@ async def open_media(root: Path, path: Path) -> MediaFile:
 
 
 def _open_regular(root: Path, path: Path) -> MediaFile:
-    # realpath follows every symlink: anything that is, or passes through, a link is refused.
-    if os.path.realpath(path) != os.path.join(os.path.realpath(root), path.relative_to(root)):
-        raise FileNotFoundError(str(path))
     try:
         # O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOFOLLOW: no symlink last.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
@@ -169,6 +167,14 @@ def _open_regular(root: Path, path: Path) -> MediaFile:
             raise FileNotFoundError(str(path)) from None
         raise
     try:
+        # The path the open file was really reached by (anything that is, or passes through,
+        # a symlink reads as another path), checked on the open file: a directory swapped for
+        # a link after a check and before the open cannot slip through.
+        opened, relative = _opened_path(fd, path), path.relative_to(root)
+        if opened != os.path.join(_real_root(str(root)), relative):
+            _real_root.cache_clear()  # (the folder's own link may have been moved since)
+            if opened != os.path.join(_real_root(str(root)), relative):
+                raise FileNotFoundError(str(path))
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise FileNotFoundError(str(path))
@@ -177,6 +183,23 @@ def _open_regular(root: Path, path: Path) -> MediaFile:
         os.close(fd)
         raise
     return MediaFile(fd, st)
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """Where the kernel says the descriptor's file is (Linux: /proc/self/fd; a file deleted
+    since reads "... (deleted)", and is refused). Elsewhere, the path's own resolution."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _real_root(root: str) -> str:
+    """The media folder with its own links resolved (it may live behind one, such as a
+    `current` link to a release: the operator's choice, not a way out). Resolved once, and
+    again when a path does not match (the link may have been moved to another release)."""
+    return os.path.realpath(root)
 
 
 def _close_opened(done: asyncio.Future[MediaFile]) -> None:

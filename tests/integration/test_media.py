@@ -335,6 +335,50 @@ async def test_symlinks_are_refused(
     assert (await raw_request(client, sign(client, f"/media/{mp3.object_key}"))).status == 200
 
 
+def test_a_directory_swapped_for_a_link_during_the_open_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race a check before the open would lose: the real file system, changed at the last
+    moment before open(2) runs."""
+    root, outside = tmp_path / "media", tmp_path / "outside"
+    (root / "album").mkdir(parents=True)
+    (root / "album" / "t.mp3").write_bytes(b"inside")
+    outside.mkdir()
+    (outside / "t.mp3").write_bytes(SECRET)
+    real_open = os.open
+
+    def racing_open(path: Any, flags: int, *args: Any) -> int:
+        if str(path) == str(root / "album" / "t.mp3"):  # the check, if any, has been made
+            (root / "album").rename(tmp_path / "moved")
+            (root / "album").symlink_to(outside)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", racing_open)
+    with pytest.raises(FileNotFoundError):
+        media_view._open_regular(root, root / "album" / "t.mp3")
+    monkeypatch.undo()
+    assert (root / "album" / "t.mp3").read_bytes() == SECRET  # the link did lead outside
+    assert open_fds_to(outside / "t.mp3") == 0  # and what was opened is closed
+
+
+def test_a_media_folder_behind_a_link_that_moves_to_another_release(tmp_path: Path) -> None:
+    releases = [tmp_path / "r1", tmp_path / "r2"]
+    for n, release in enumerate(releases):
+        release.mkdir()
+        (release / "t.mp3").write_bytes(f"release {n}".encode())
+    current = tmp_path / "current"
+    current.symlink_to(releases[0])
+    media = media_view._open_regular(current, current / "t.mp3")
+    assert os.pread(media.fd, 100, 0) == b"release 0"
+    media.close()
+    swap = tmp_path / "current.new"  # (moved as a deployment does: a new link renamed over)
+    swap.symlink_to(releases[1])
+    swap.rename(current)
+    media = media_view._open_regular(current, current / "t.mp3")
+    assert os.pread(media.fd, 100, 0) == b"release 1"
+    media.close()
+
+
 # -- clients that go away ----------------------------------------------------------------------
 
 
