@@ -154,27 +154,44 @@ async def open_media(root: Path, path: Path) -> MediaFile:
 
 
 def _open_regular(root: Path, path: Path) -> MediaFile:
+    if not _PROC_FD:
+        return _open_checked_first(root, path)
+    # A handle that opens nothing (O_PATH: no side effect of opening a device or a FIFO out
+    # there), checked, then reopened for reading through /proc: the file checked is the file
+    # read, and a folder swapped for a link between a check and the open cannot slip through.
     try:
-        # O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOFOLLOW: no symlink last.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+        handle = os.open(path, os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
-        if isinstance(exc, FileNotFoundError) or exc.errno in (
-            errno.ENOTDIR,
-            errno.EISDIR,
-            errno.ELOOP,
-            errno.ENXIO,
-        ):
-            raise FileNotFoundError(str(path)) from None
-        raise
+        raise _not_found(exc, path) from None
     try:
-        # The path the open file was really reached by (anything that is, or passes through,
-        # a symlink reads as another path), checked on the open file: a directory swapped for
-        # a link after a check and before the open cannot slip through.
-        opened, relative = _opened_path(fd, path), path.relative_to(root)
+        st = os.fstat(handle)
+        # (A symlink as the last part opens as the link itself, and is not a regular file.)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(str(path))
+        # The path the handle was really reached by: anything that passes through a symlink
+        # reads as another path.
+        opened, relative = os.readlink(f"/proc/self/fd/{handle}"), path.relative_to(root)
         if opened != os.path.join(_real_root(str(root)), relative):
             _real_root.cache_clear()  # (the folder's own link may have been moved since)
             if opened != os.path.join(_real_root(str(root)), relative):
                 raise FileNotFoundError(str(path))
+        fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(handle)
+    return MediaFile(fd, st)
+
+
+def _open_checked_first(root: Path, path: Path) -> MediaFile:
+    """Without /proc: the path's resolution checked before the open (a folder swapped for a
+    link in between is not caught here), O_NOFOLLOW for the last part."""
+    if os.path.realpath(path) != os.path.join(os.path.realpath(root), path.relative_to(root)):
+        raise FileNotFoundError(str(path))
+    try:
+        # O_NONBLOCK: opening a FIFO does not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise _not_found(exc, path) from None
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise FileNotFoundError(str(path))
@@ -185,13 +202,21 @@ def _open_regular(root: Path, path: Path) -> MediaFile:
     return MediaFile(fd, st)
 
 
-def _opened_path(fd: int, path: Path) -> str:
-    """Where the kernel says the descriptor's file is (Linux: /proc/self/fd; a file deleted
-    since reads "... (deleted)", and is refused). Elsewhere, the path's own resolution."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return os.path.realpath(path)
+def _not_found(exc: OSError, path: Path) -> OSError:
+    """What an open's error means here: missing, or not a file we serve (a directory, a link
+    in the way, a FIFO without a writer) is FileNotFoundError; anything else as it was."""
+    if isinstance(exc, FileNotFoundError) or exc.errno in (
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ELOOP,
+        errno.ENXIO,
+    ):
+        return FileNotFoundError(str(path))
+    return exc
+
+
+# Linux's /proc/self/fd and O_PATH (elsewhere the check is made before the open).
+_PROC_FD = hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd")
 
 
 @functools.lru_cache(maxsize=8)

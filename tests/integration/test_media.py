@@ -361,6 +361,40 @@ def test_a_directory_swapped_for_a_link_during_the_open_is_refused(
     assert open_fds_to(outside / "t.mp3") == 0  # and what was opened is closed
 
 
+@pytest.mark.parametrize("proc_fd", [True, False], ids=["proc-fd", "checked-first"])
+def test_the_opener_serves_regular_files_under_the_folder_only(
+    proc_fd: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of opening (Linux's, through /proc; elsewhere, the check before the open)
+    refuse the same things."""
+    monkeypatch.setattr(media_view, "_PROC_FD", proc_fd)
+    root, outside = tmp_path / "media", tmp_path / "outside"
+    (root / "album").mkdir(parents=True)
+    outside.mkdir()
+    (root / "album" / "t.mp3").write_bytes(b"inside")
+    (outside / "t.mp3").write_bytes(SECRET)
+    (root / "file-link.mp3").symlink_to(outside / "t.mp3")
+    (root / "dir-link").symlink_to(outside)
+    (root / "inside-link.mp3").symlink_to(root / "album" / "t.mp3")
+    os.mkfifo(root / "fifo.mp3")
+    (root / "dir.mp3").mkdir()
+    media = media_view._open_regular(root, root / "album" / "t.mp3")
+    assert os.pread(media.fd, 100, 0) == b"inside" and media.st.st_size == 6
+    media.close()
+    for name in (
+        "file-link.mp3",
+        "dir-link/t.mp3",
+        "inside-link.mp3",
+        "fifo.mp3",
+        "dir.mp3",
+        "missing.mp3",
+        "album/t.mp3/x",
+    ):
+        with pytest.raises(FileNotFoundError):
+            media_view._open_regular(root, root / name)
+    assert open_fds_to(outside / "t.mp3") == 0 and open_fds_to(root / "album" / "t.mp3") == 0
+
+
 def test_a_media_folder_behind_a_link_that_moves_to_another_release(tmp_path: Path) -> None:
     releases = [tmp_path / "r1", tmp_path / "r2"]
     for n, release in enumerate(releases):
