@@ -22,7 +22,7 @@ from edge.logs import REQUEST_ID, USER_ID
 from edge.metrics import Metrics, route_label
 
 log = structlog.get_logger("edge.access")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # (fullmatch: no newline at the end)
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -124,7 +124,7 @@ def observe(metrics: Metrics) -> Middleware:
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         incoming = request.headers.get(_X_REQUEST_ID)
-        if incoming and _REQUEST_ID.match(incoming):
+        if incoming and _REQUEST_ID.fullmatch(incoming):
             request_id = incoming
         else:
             request_id = next(_new_ids, None) or _more_ids()

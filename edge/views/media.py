@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures
 import ctypes
 import errno
-import functools
 import hashlib
 import mimetypes
 import mmap
@@ -170,11 +169,11 @@ def _open_regular(root: Path, path: Path) -> MediaFile:
             raise FileNotFoundError(str(path))
         # The path the handle was really reached by: anything that passes through a symlink
         # reads as another path.
-        opened, relative = os.readlink(f"/proc/self/fd/{handle}"), path.relative_to(root)
-        if opened != os.path.join(_real_root(str(root)), relative):
-            _real_root.cache_clear()  # (the folder's own link may have been moved since)
-            if opened != os.path.join(_real_root(str(root)), relative):
-                raise FileNotFoundError(str(path))
+        # (The folder is looked at after the handle was opened: if its own link was moved to
+        # another release before, what was opened and the folder agree on the new one.)
+        opened = os.readlink(f"/proc/self/fd/{handle}")
+        if opened != os.path.join(_real_root(str(root)), path.relative_to(root)):
+            raise FileNotFoundError(str(path))
         fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(handle)
@@ -204,12 +203,14 @@ def _open_checked_first(root: Path, path: Path) -> MediaFile:
 
 def _not_found(exc: OSError, path: Path) -> OSError:
     """What an open's error means here: missing, or not a file we serve (a directory, a link
-    in the way, a FIFO without a writer) is FileNotFoundError; anything else as it was."""
+    in the way, a FIFO without a writer, a name too long) is FileNotFoundError; anything else
+    as it was."""
     if isinstance(exc, FileNotFoundError) or exc.errno in (
         errno.ENOTDIR,
         errno.EISDIR,
         errno.ELOOP,
         errno.ENXIO,
+        errno.ENAMETOOLONG,  # (no such file can exist)
     ):
         return FileNotFoundError(str(path))
     return exc
@@ -219,12 +220,21 @@ def _not_found(exc: OSError, path: Path) -> OSError:
 _PROC_FD = hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd")
 
 
-@functools.lru_cache(maxsize=8)
 def _real_root(root: str) -> str:
     """The media folder with its own links resolved (it may live behind one, such as a
-    `current` link to a release: the operator's choice, not a way out). Resolved once, and
-    again when a path does not match (the link may have been moved to another release)."""
-    return os.path.realpath(root)
+    `current` link to a release: the operator's choice, not a way out). Resolved again whenever
+    the folder it leads to is another one (its device and inode, one stat per open): a path
+    into the old release must not match a stale answer."""
+    st = os.stat(root)
+    known = _real_roots.get(root)
+    if known is None or known[1:] != (st.st_dev, st.st_ino):
+        if len(_real_roots) >= 8:
+            _real_roots.clear()
+        known = _real_roots[root] = (os.path.realpath(root), st.st_dev, st.st_ino)
+    return known[0]
+
+
+_real_roots: dict[str, tuple[str, int, int]] = {}
 
 
 def _close_opened(done: asyncio.Future[MediaFile]) -> None:

@@ -389,6 +389,7 @@ def test_the_opener_serves_regular_files_under_the_folder_only(
         "dir.mp3",
         "missing.mp3",
         "album/t.mp3/x",
+        "x" * 300 + ".mp3",  # longer than a file name can be
     ):
         with pytest.raises(FileNotFoundError):
             media_view._open_regular(root, root / name)
@@ -405,9 +406,16 @@ def test_a_media_folder_behind_a_link_that_moves_to_another_release(tmp_path: Pa
     media = media_view._open_regular(current, current / "t.mp3")
     assert os.pread(media.fd, 100, 0) == b"release 0"
     media.close()
+    # The new release links back into the old one; the first request after the move goes
+    # through that link, and must not match what the folder was before.
+    (releases[1] / "album").symlink_to(releases[0] / "album")
+    (releases[0] / "album").mkdir()
+    (releases[0] / "album" / "old.mp3").write_bytes(b"old release")
     swap = tmp_path / "current.new"  # (moved as a deployment does: a new link renamed over)
     swap.symlink_to(releases[1])
     swap.rename(current)
+    with pytest.raises(FileNotFoundError):
+        media_view._open_regular(current, current / "album" / "old.mp3")
     media = media_view._open_regular(current, current / "t.mp3")
     assert os.pread(media.fd, 100, 0) == b"release 1"
     media.close()

@@ -325,6 +325,12 @@ def test_request_ids_are_unique_random_hex_across_batches() -> None:
     assert all(len(i) == 32 and set(i) <= set("0123456789abcdef") for i in taken)
 
 
+def test_a_client_request_id_is_honoured_only_whole() -> None:
+    assert middlewares._REQUEST_ID.fullmatch("req-42:a.b_c")
+    for bad in ("req-42\n", "", "a b", "x" * 129, 'a"b'):
+        assert not middlewares._REQUEST_ID.fullmatch(bad), bad
+
+
 def test_a_forked_child_hands_out_ids_of_its_own() -> None:
     new_id()  # the parent has a batch under way
     read, write = os.pipe()
@@ -370,7 +376,7 @@ def test_a_batch_that_cannot_be_settled_is_logged_and_dropped(
 ) -> None:
     stats = HttpStats()
     # A route without .resource: not one aiohttp makes, so settling the row fails.
-    stats.rows.append((("GET", object(), "/x"), "r1", None, 200, 0, 1.0, 1.001))
+    stats.rows.append(("GET", object(), "/x", "r1", None, 200, 0, 1.0, 1.001))
     with caplog.at_level(logging.ERROR):
         stats.settle()  # does not raise: the request that filled the batch is still answered
     assert stats.rows == [] and stats.total() == 0
