@@ -163,14 +163,11 @@ def _open_regular(root: Path, path: Path) -> MediaFile:
     except OSError as exc:
         raise _not_found(exc, path) from None
     try:
-        st = os.fstat(handle)
         # (A symlink as the last part opens as the link itself, and is not a regular file.)
-        if not stat.S_ISREG(st.st_mode):
-            raise FileNotFoundError(str(path))
+        st = _regular_file(handle, path)
         # The path the handle was really reached by: anything that passes through a symlink
-        # reads as another path.
-        # (The folder is looked at after the handle was opened: if its own link was moved to
-        # another release before, what was opened and the folder agree on the new one.)
+        # reads as another path. (The folder is looked at after the handle was opened: if its
+        # own link was moved to another release before, both agree on the new one.)
         opened = os.readlink(f"/proc/self/fd/{handle}")
         if opened != os.path.join(_real_root(str(root)), path.relative_to(root)):
             raise FileNotFoundError(str(path))
@@ -191,14 +188,20 @@ def _open_checked_first(root: Path, path: Path) -> MediaFile:
     except OSError as exc:
         raise _not_found(exc, path) from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FileNotFoundError(str(path))
+        st = _regular_file(fd, path)
         os.set_blocking(fd, True)  # (a file system that honours O_NONBLOCK must not refuse reads)
     except BaseException:
         os.close(fd)
         raise
     return MediaFile(fd, st)
+
+
+def _regular_file(fd: int, path: Path) -> os.stat_result:
+    """The descriptor's stat, if it is a regular file; FileNotFoundError for anything else."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise FileNotFoundError(str(path))
+    return st
 
 
 def _not_found(exc: OSError, path: Path) -> OSError:
