@@ -122,11 +122,12 @@ for side in A B; do
         >"$out/$side.log" 2>&1 &
     pid[$side]=$!
 done
-warm() {  # side: every hot track once, so track and redirect loads hit a warm cache
-    "$python" - "http://127.0.0.1:${port[$1]}" "$out/ids.txt" <<'PY'
+warm() {  # side: every hot track once, so track, redirect and proxy loads hit a warm cache
+    "$python" - "http://127.0.0.1:${port[$1]}" "$out/ids.txt" "$out/flac.txt" <<'PY'
 import sys, urllib.request
 base, ids = sys.argv[1], open(sys.argv[2]).read().split()
-for track in ids:
+ids += [line.split()[0] for line in open(sys.argv[3])]  # (the proxy load's tracks)
+for track in dict.fromkeys(ids):
     urllib.request.urlopen(f"{base}/api/v1/tracks/{track}").read()
 urllib.request.urlopen(f"{base}/api/v1/tracks/popular").read()
 PY
