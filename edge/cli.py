@@ -162,9 +162,27 @@ def _refresh(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
+    """A token `edge serve` with the same settings accepts: HS256 with EDGE_JWT_SECRET, or the
+    zero-config default's own key. Where Edge only holds a public key, or accepts no tokens at
+    all, there is nothing it could sign: say so, print nothing."""
     from edge.auth import issue, local_secret
 
-    secret = str(settings.jwt_secret) or local_secret(settings.data_dir, "jwt")
+    secret = str(settings.jwt_secret)
+    if settings.jwt_public_key:  # (it wins over a secret: edge serve then verifies with it)
+        print(
+            "edge token: EDGE_JWT_PUBLIC_KEY is set, so this Edge verifies RS256/ES256 tokens "
+            "signed elsewhere with its private key; it cannot make one",
+            file=sys.stderr,
+        )
+        return 2
+    if not secret and not settings.embedded_postgres:
+        print(
+            "edge token: no EDGE_JWT_SECRET, so this Edge accepts no tokens (only the zero-config "
+            "default has a key of its own)",
+            file=sys.stderr,
+        )
+        return 2
+    secret = secret or local_secret(settings.data_dir, "jwt")
     print(issue(secret, args.user, args.tier, args.ttl))
     return 0
 

@@ -38,9 +38,10 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
 class OriginError(Exception):
-    """A request to the origin failed. `kind`: connect (nothing was answered: refused, reset or
-    closed before the first byte; worth one retry), timeout, closed (mid-body), or protocol (an
-    answer that is not HTTP/1.1 as we read it)."""
+    """A request to the origin failed. `kind`: connect (nothing was answered: refused, no
+    connection within the connect timeout, reset or closed before the first byte; worth one
+    retry), timeout (no answer to a request sent, or no free connection slot), closed
+    (mid-body), or protocol (an answer that is not HTTP/1.1 as we read it)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -605,7 +606,11 @@ class OriginPool:
                     server_hostname=host if scheme == "https" else None,
                 )
         except TimeoutError:
-            raise OriginError("timeout", f"no connection to {host}:{port} in time") from None
+            # Nothing was asked yet: a connect failure like a refusal (one retry, then 502),
+            # not an origin gone silent on a request (504).
+            raise OriginError(
+                "connect", f"no connection to {host}:{port} in {self.connect_timeout:g} s"
+            ) from None
         except (OSError, ssl.SSLError) as exc:
             raise OriginError("connect", f"cannot connect to {host}:{port}: {exc}") from None
         self._open.add(conn)

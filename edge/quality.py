@@ -15,8 +15,9 @@ Choices made where the contract leaves room:
   specific media type overrides `audio/*`, which overrides `*/*` (RFC 9110 §12.5.1); when several
   media types name the same format (audio/mp4, audio/aac, audio/x-m4a) the highest q counts.
   An Accept element with an invalid q is ignored.
-* When several rules lower the choice, `downgraded` names the last one that did (format/tier
-  fallback, then bandwidth, then buffering); `reason` lists all of them.
+* When several rules lower the choice, `downgraded` names "tier" if the tier refused what was
+  asked (a listener must learn that an upgrade, not the network, gets them more), else the last
+  rule that lowered it (format fallback, then bandwidth, then buffering); `reason` lists all.
 * Between renditions of equal bitrate the client's format order decides; formats the client
   did not name (only in a fallback) rank after those it named, in `FORMATS` order.
 """
@@ -46,6 +47,7 @@ __all__ = [
     "choose",
     "parse_bandwidth",
     "parse_formats",
+    "recent_buffer_events",
     "tier_allows",
 ]
 
@@ -55,7 +57,7 @@ DEFAULT_FORMATS: Final = ("mp3", "aac")
 
 HEADROOM: Final = 1.25  # a rung fits when bitrate * HEADROOM <= bandwidth
 MEASURED_TTL_S: Final = 120.0  # a session's measured throughput older than this is stale
-BUFFER_WINDOW_S: Final = 60.0  # a clean stretch this long steps quality back up
+BUFFER_WINDOW_S: Final = 60.0  # each clean stretch this long steps quality back up a rung
 MAX_BUFFER_STEP: Final = 2
 CLOCK_SKEW_S: Final = 5.0
 
@@ -260,12 +262,24 @@ def _within(then: float, now: float, window_s: float) -> bool:
     return -CLOCK_SKEW_S <= now - then <= window_s
 
 
-def buffer_step(recent_buffer_events: int, last_buffer_at: float | None, now: float) -> int:
-    """Rungs to step down: none after `BUFFER_WINDOW_S` without a buffer event, else one per
-    recent event up to `MAX_BUFFER_STEP`."""
-    if last_buffer_at is None or not _within(last_buffer_at, now, BUFFER_WINDOW_S):
+def recent_buffer_events(buffer_events: int, last_buffer_at: float | None, now: float) -> int:
+    """The buffer events that still count: all of them while the last was at most
+    `BUFFER_WINDOW_S` ago, then one fewer for each further clean `BUFFER_WINDOW_S` (quality
+    comes back a rung at a time, as it went down). 0 for a time far in the future or NaN."""
+    if last_buffer_at is None:
         return 0
-    return max(0, min(recent_buffer_events, MAX_BUFFER_STEP))
+    age = now - last_buffer_at
+    if not -CLOCK_SKEW_S <= age < math.inf:
+        return 0
+    count = max(0, buffer_events)
+    if age > BUFFER_WINDOW_S:
+        count -= math.ceil(age / BUFFER_WINDOW_S) - 1
+    return max(0, count)
+
+
+def buffer_step(buffer_events: int, last_buffer_at: float | None, now: float) -> int:
+    """Rungs to step down: one per buffer event that still counts, up to `MAX_BUFFER_STEP`."""
+    return min(recent_buffer_events(buffer_events, last_buffer_at, now), MAX_BUFFER_STEP)
 
 
 # Choices made, by all of choose's arguments: players repeat theirs (a tier, a track's ladder, a
@@ -316,6 +330,7 @@ def _choose(
         raise NoPlayableRendition(f"no rendition of this track is allowed for tier {tier}")
     accepted = tuple(accepted)
     downgraded: str | None = None
+    tier_refused = False
     notes: list[str] = []
     candidates = [r for r in allowed if r.format in accepted]
     if not candidates:
@@ -324,6 +339,7 @@ def _choose(
         # A rendition in an unknown format is no tier's to allow: that is a format fallback.
         if any(r.format in accepted and r.format in FORMATS for r in available):
             downgraded = "tier"
+            tier_refused = True
             notes.append(f"{asked} not allowed for {tier}")
         else:
             downgraded = "format"
@@ -366,6 +382,10 @@ def _choose(
         notes.append(f"down {index - stepped} for buffering")
     elif step_down > 0:
         notes.append("buffering, already lowest")
+    if tier_refused:
+        # What the listener asked for is not in their tier: that is what they must be told
+        # (X-Stream-Downgraded: tier), whatever the network then took off it.
+        downgraded = "tier"
     return _choice(ladder[stepped], downgraded, notes)
 
 

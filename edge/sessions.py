@@ -145,13 +145,15 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
 """
 
-# KEYS: session. ARGV: field to increment (or ''), amount, then field/value pairs to set.
+# KEYS: session. ARGV: field to increment (or ''), amount, then field/value pairs to set. A
+# write is a use of the session: its lifetime starts again.
 _UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) end
 if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
+redis.call('EXPIRE', KEYS[1], TTL)
 return 1
-"""
+""".replace("TTL", str(TTL_SESSION))
 
 # Take up to ARGV[1] queued plays atomically.
 _TAKE_PLAYS = """
@@ -535,6 +537,14 @@ class Sessions:
                 "tput_at": f"{time.time() if now is None else now:.3f}",
             }
         await self.update(sid, fields, ("bytes", sent))
+
+    async def renew(self, sids: list[str]) -> None:
+        """The sessions were used (a player's events): each lives TTL_SESSION from now. (A
+        session already gone stays gone: EXPIRE makes no key.)"""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.expire(self.key(sid), TTL_SESSION)
+            await pipe.execute()
 
     async def stop(self, sid: str, user_id: str) -> None:
         """The player paused or ended: its stream no longer takes a slot."""

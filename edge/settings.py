@@ -168,6 +168,8 @@ class Settings:
             raise SettingsError(
                 f"EDGE_STREAM_KERNEL_UNSENT: {kernel_unsent} is not 0 or within 16384..67108864"
             )
+        private_key = _private_key(e)
+        _refuse_unsigned_cloudfront(e, private_key)
         return cls(
             database_url=_database_url(e),
             db_pool_min=pool_min,
@@ -184,7 +186,7 @@ class Settings:
             cdn_domain=e.text("CDN_DOMAIN", ""),
             cloudfront_distribution_id=e.text("CLOUDFRONT_DISTRIBUTION_ID", ""),
             cloudfront_key_pair_id=e.text("CLOUDFRONT_KEY_PAIR_ID", ""),
-            cloudfront_private_key=Secret(_private_key(e)),
+            cloudfront_private_key=Secret(private_key),
             alert_response_time_ms=e.integer("ALERT_RESPONSE_TIME_MS", 5000, minimum=1),
             alert_memory_usage_mb=e.integer("ALERT_MEMORY_USAGE_MB", 512, minimum=1),
             alert_cache_hit_rate=e.number("ALERT_CACHE_HIT_RATE", 0.8, minimum=0.0, maximum=1.0),
@@ -351,6 +353,26 @@ def _stream_limits(value: str) -> tuple[tuple[str, int], ...]:
             )
         limits[tier] = int(number)
     return tuple(limits.items())
+
+
+def _refuse_unsigned_cloudfront(e: _Env, private_key: str) -> None:
+    """CloudFront refuses what is not signed with its key pair: CDN_DOMAIN without it (or half
+    of it) would start an Edge whose every redirect and proxied fetch fails. (EDGE_CDN_URL alone
+    may be any origin: without a key pair its URLs carry Edge's own HMAC signature, which a
+    /media origin with the same EDGE_MEDIA_SECRET checks, and a plain origin ignores.)"""
+    pair = {
+        "CLOUDFRONT_KEY_PAIR_ID": e.raw("CLOUDFRONT_KEY_PAIR_ID"),
+        "CLOUDFRONT_PRIVATE_KEY(_FILE)": private_key or None,
+    }
+    missing = [name for name, value in pair.items() if value is None]
+    if len(missing) == 1:
+        given = next(name for name in pair if name not in missing)
+        raise SettingsError(f"{missing[0]}: required when {given} is set")
+    if missing and e.raw("CDN_DOMAIN") is not None:
+        raise SettingsError(
+            "CDN_DOMAIN: CloudFront needs signed URLs: set CLOUDFRONT_KEY_PAIR_ID and "
+            "CLOUDFRONT_PRIVATE_KEY (or CLOUDFRONT_PRIVATE_KEY_FILE)"
+        )
 
 
 def _refuse_without_host(e: _Env, host: str, others: tuple[str, ...]) -> None:

@@ -17,7 +17,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from edge import auth, keys
+from edge import auth, keys, quality
 from edge.errors import ApiError, bad_request
 from edge.sessions import SessionState, valid_session_id
 from edge.views.play import count_play
@@ -44,7 +44,6 @@ BUFFER_TYPES = frozenset({"waiting", "stalled"})
 # HTML MediaError codes; anything else is "other" so the label set stays bounded.
 ERROR_CODES = {1: "aborted", 2: "network", 3: "decode", 4: "src_not_supported"}
 FORMATS = frozenset({"mp3", "aac", "flac"})
-BUFFER_WINDOW_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +136,9 @@ async def events(request: web.Request) -> web.Response:
             raise ApiError(404, "unknown_session", f"session {e.sid} does not exist (expired?)")
         if state.get("user") != who.user_id:
             raise ApiError(403, "session_forbidden", "this session is another user's")
-    # Everything is valid: apply.
+    # Everything is valid: apply. Events are a use of their sessions: a player that keeps
+    # reporting (a long listen in redirect mode asks /play once a track) keeps its session.
+    await sessions.renew(sorted(found))
     now = time.time()
     metrics = app[keys.METRICS]
     for e in batch:
@@ -168,9 +169,10 @@ async def _apply(
     sessions = app[keys.SESSIONS]
     metrics = app[keys.METRICS]
     if e.type in BUFFER_TYPES:
-        last = float(state.get("buf_at") or 0)
-        # A clean stretch resets the count: only recent buffering steps quality down.
-        count = int(state.get("buf_n") or 0) + 1 if now - last < BUFFER_WINDOW_SECONDS else 1
+        # Only recent buffering steps quality down: what a clean stretch took off the count
+        # stays off (quality.recent_buffer_events).
+        last = _float(state.get("buf_at"))
+        count = quality.recent_buffer_events(_int(state.get("buf_n")) or 0, last, now) + 1
         state["buf_n"], state["buf_at"] = str(count), f"{now:.3f}"
         await sessions.update(e.sid, {"buf_n": count, "buf_at": f"{now:.3f}"})
     elif e.type == "error":
@@ -186,6 +188,13 @@ async def _apply(
                 state["counted"] = track
     elif e.type in ("paused", "ended"):
         await sessions.stop(e.sid, state["user"])
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
 
 
 def _int(value: str | None) -> int | None:

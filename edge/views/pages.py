@@ -102,6 +102,9 @@ def _render(
     }
     response = aiohttp_jinja2.render_template(template, request, context, status=status)
     response.headers["Cache-Control"] = "no-store"
+    # The browser's estimate of its bandwidth, on the page's later requests (its /play ones
+    # too): the quality choice's `Downlink` hint (RFC 8942; Chromium sends it).
+    response.headers["Accept-CH"] = "Downlink"
     return response
 
 

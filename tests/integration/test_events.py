@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from edge import keys
 from edge.jobs import flush_plays
-from edge.sessions import active_key
+from edge.sessions import TTL_SESSION, active_key
 from tests.conftest import bearer, sample
 
 Client = Any
@@ -566,3 +566,42 @@ async def test_one_bad_session_refuses_a_mixed_batch(
     assert resp.status == 403
     assert await session_hash(redis_client, redis_prefix, OTHER_SID) == before
     assert await redis_client.zrange(redis_prefix + active_key("alice"), 0, -1) == [SID.encode()]
+
+
+@pytest.mark.parametrize("event", ["seek", "waiting", "quality_change", "paused"])
+async def test_events_renew_their_session_and_a_refused_batch_does_not(
+    ready: Client, redis_client: aioredis.Redis, redis_prefix: str, event: str
+) -> None:
+    """A session lives TTL_SESSION from its last use, and a player's events are a use (with or
+    without a field to write): a long listen in redirect mode reports events between /plays."""
+    mine, bobs = session_key(redis_prefix, SID), session_key(redis_prefix, OTHER_SID)
+    await redis_client.expire(mine, 100)
+    await redis_client.expire(bobs, 100)
+    # Bob's batch that names Alice's session is refused: neither session is renewed.
+    resp = await post_json(
+        ready, [{"sid": OTHER_SID, "type": "seek"}, {"sid": SID, "type": "seek"}], user="bob"
+    )
+    assert resp.status == 403
+    assert 0 < await redis_client.ttl(mine) <= 100
+    assert 0 < await redis_client.ttl(bobs) <= 100
+    doc: dict[str, Any] = {"sid": SID, "type": event, "position": 12.0}
+    if event == "quality_change":
+        doc |= {"format": "aac", "bitrate_kbps": 160}
+    assert (await post_json(ready, [doc])).status == 202
+    assert await redis_client.ttl(mine) > TTL_SESSION - 60
+    assert 0 < await redis_client.ttl(bobs) <= 100
+
+
+async def test_a_session_write_renews_it(
+    ready: Client, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """What /play records after its answer (a transfer, a choice) is a use too."""
+    sessions = ready.app[keys.SESSIONS]
+    key = session_key(redis_prefix, SID)
+    await redis_client.expire(key, 100)
+    assert await sessions.record_transfer(SID, 4096, None) is None
+    assert await redis_client.ttl(key) > TTL_SESSION - 60
+    # A session that is gone is not made again by a late write.
+    await redis_client.delete(key)
+    await sessions.record_choice(SID, "aac", 96)
+    assert not await redis_client.exists(key)

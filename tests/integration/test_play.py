@@ -5,6 +5,7 @@ and recommendations built from plays."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -507,7 +508,7 @@ async def test_two_edge_processes_share_sessions(
 
 
 @pytest.mark.parametrize("how", ["query", "sec-purpose", "purpose"])
-async def test_preload_takes_no_slot_and_keeps_the_track(
+async def test_preload_keeps_the_track_and_takes_a_slot_only_for_a_new_session(
     make_client: MakeClient,
     playable: dict[str, Any],
     redis_client: aioredis.Redis,
@@ -528,12 +529,23 @@ async def test_preload_takes_no_slot_and_keeps_the_track(
     assert resp.status == 302
     assert (await session_hash(redis_client, redis_prefix, SID_A))["track"] == str(hells)
     assert await redis_client.zrange(active, 0, -1) == [SID_A.encode()]
-    # A preload in another session takes no slot and shows no track playing either.
-    await play(client, shoot, tier="free", sid=SID_B, headers=extra, **params)
-    assert "track" not in await session_hash(redis_client, redis_prefix, SID_B)
+    # A preload that would open another session streams bytes of its own (proxy mode): it
+    # takes a slot like any stream (else preloads would get round the limit), so at the free
+    # tier's one it is refused, and nothing of that session is made.
+    resp = await play(client, shoot, tier="free", sid=SID_B, headers=extra, **params)
+    assert resp.status == 429
+    assert await session_hash(redis_client, redis_prefix, SID_B) == {}
     assert await redis_client.zrange(active, 0, -1) == [SID_A.encode()]
-    # So playing in that session is still refused while SID_A holds the only slot.
     assert (await play(client, shoot, tier="free", sid=SID_B)).status == 429
+    # Where the tier has room, it opens the session and takes the slot, but shows no track
+    # playing, and counts nothing.
+    resp = await play(client, shoot, tier="premium", sid=SID_B, headers=extra, **params)
+    assert resp.status == 302
+    state = await session_hash(redis_client, redis_prefix, SID_B)
+    assert state["user"] == "alice" and "track" not in state and "counted" not in state
+    assert sorted(await redis_client.zrange(active, 0, -1)) == sorted(
+        [SID_A.encode(), SID_B.encode()]
+    )
 
 
 # -- quality through HTTP ----------------------------------------------------------------------
@@ -544,6 +556,7 @@ QUALITY_CASES = [
     ("free", {"format": "aac"}, {}, ("aac", 96), None),
     ("free", {"format": "flac"}, {}, ("mp3", 128), "tier"),
     ("free", {"format": "flac", "bw": "100000"}, {}, ("mp3", 128), "tier"),
+    ("free", {"format": "flac", "bw": "100"}, {}, ("aac", 96), "tier"),  # not "bandwidth"
     ("free", {"bitrate": "320"}, {}, ("mp3", 128), "tier"),
     ("free", {"bw": "100"}, {}, ("aac", 96), "bandwidth"),
     ("free", {"bw": "5000"}, {}, ("mp3", 128), None),
@@ -626,6 +639,42 @@ async def test_buffer_events_step_the_next_choice_down(
     resp = await post_events(client, [{"sid": SID_B, "type": t} for t in ("seek", "buffer_end")])
     assert resp.status == 202
     assert chosen(await play(client, hells, sid=SID_B)) == ("mp3", "320", None)
+
+
+async def test_a_clean_stretch_steps_quality_back_up_a_rung_at_a_time(
+    make_client: MakeClient,
+    playable: dict[str, Any],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    """Down a rung per buffer event (two at most), back up a rung per clean minute; a buffer
+    event on the way up steps down again from where the player is, not from the top."""
+    client = await make_client()
+    hells = playable["tracks"]["hells"]
+    key = f"{redis_prefix}streaming:session:{SID_A}"
+
+    async def chosen() -> tuple[str, str]:
+        h = (await play(client, hells, sid=SID_A)).headers
+        return h["X-Stream-Format"], h["X-Stream-Bitrate"]
+
+    async def last_buffering(seconds_ago: float) -> None:
+        await redis_client.hset(key, "buf_at", f"{time.time() - seconds_ago:.3f}")
+
+    assert await chosen() == ("mp3", "320")
+    events = [{"sid": SID_A, "type": t} for t in ("waiting", "stalled", "waiting")]
+    assert (await post_events(client, events)).status == 202
+    assert await chosen() == ("mp3", "192")  # two rungs down: 320 -> 256 -> 192
+    await last_buffering(61)
+    assert await chosen() == ("mp3", "192")  # three events still count two after a minute
+    await last_buffering(121)
+    assert await chosen() == ("aac", "256")  # one rung back up
+    # Buffering again: one rung down from here, not two from the top.
+    assert (await post_events(client, [{"sid": SID_A, "type": "waiting"}])).status == 202
+    assert await chosen() == ("mp3", "192")
+    await last_buffering(61)
+    assert await chosen() == ("aac", "256")
+    await last_buffering(121)
+    assert await chosen() == ("mp3", "320")  # clean for two minutes: the top again
 
 
 async def test_a_seek_stays_on_the_rendition_of_the_track(
@@ -1127,6 +1176,35 @@ async def test_flush_writes_all_queued_plays_in_one_batch(
     assert sample(client, "edge_plays_flushed_total") == 4
     assert await queued_plays(redis_client, redis_prefix) == []
     assert await flush_plays(client.app) == 0
+
+
+async def test_queued_plays_reach_postgresql_on_the_timer_and_at_shutdown(
+    make_client: MakeClient,
+    playable: dict[str, Any],
+    db: Any,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    """The flush job runs by itself every EDGE_PLAYS_FLUSH_SECONDS, and a process that stops
+    writes what is still queued before it goes: no play waits for a next process."""
+    hells, shoot = playable["tracks"]["hells"], playable["tracks"]["shoot"]
+    timed = await make_client(plays_flush_seconds=0.1)
+    assert (await play(timed, hells, sid=SID_A, mode="proxy")).status == 200
+    deadline = time.monotonic() + 10
+    while await db.fetchval("SELECT count(*) FROM plays") < 1:
+        assert time.monotonic() < deadline, "the timed flush never ran"
+        await asyncio.sleep(0.02)  # (polling PostgreSQL for the job's effect)
+    assert await queued_plays(redis_client, redis_prefix) == []
+
+    stopping = await make_client()  # (the tests' default: no timed flush within the test)
+    assert (await play(stopping, shoot, user="bob", sid=SID_C, mode="proxy")).status == 200
+    await stopping.app[keys.BACKGROUND].drain()
+    assert len(await queued_plays(redis_client, redis_prefix)) == 1
+    assert await db.fetchval("SELECT count(*) FROM plays WHERE user_id = 'bob'") == 0
+    await stopping.close()  # the app's shutdown
+    rows = await db.fetch("SELECT track_id, user_id, session_id FROM plays ORDER BY user_id")
+    assert [tuple(r) for r in rows] == [(hells, "alice", SID_A), (shoot, "bob", SID_C)]
+    assert await queued_plays(redis_client, redis_prefix) == []
 
 
 # -- recommendations ----------------------------------------------------------------------------

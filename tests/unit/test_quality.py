@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 from edge import quality
 from edge.quality import (
+    BUFFER_WINDOW_S,
     DEFAULT_FORMATS,
     FORMATS,
+    MAX_BUFFER_STEP,
     Choice,
     NoPlayableRendition,
     Rendition,
@@ -20,6 +22,7 @@ from edge.quality import (
     choose,
     parse_bandwidth,
     parse_formats,
+    recent_buffer_events,
     tier_allows,
 )
 
@@ -50,19 +53,20 @@ BW, TIER = "!bandwidth", "!tier"
 
 # Worked out by hand over the full ladder. A rung fits when bitrate * 1.25 <= bandwidth:
 # 50 fits nothing, 130 fits 96, 200 fits up to 160, 400 up to 320, 1500 fits flac (900).
-# One row per (tier, accepted): the results for bandwidth None, 50, 130, 200, 400, 1500.
+# One row per (tier, accepted): the results for bandwidth None, 50, 130, 200, 400, 1500. A
+# listener who asked for what the tier refuses is told "tier", whatever the bandwidth then took.
 GRID: dict[tuple[Tier, tuple[str, ...]], list[str]] = {
     ("free", ("mp3",)): ["m128", "m128" + BW, "m128" + BW, "m128", "m128", "m128"],
     ("free", ("aac",)): ["a96", "a96" + BW, "a96", "a96", "a96", "a96"],
-    ("free", ("flac",)): ["m128" + TIER, "a96" + BW, "a96" + BW, "m128" + TIER, "m128" + TIER,
-                          "m128" + TIER],
+    ("free", ("flac",)): ["m128" + TIER, "a96" + TIER, "a96" + TIER, "m128" + TIER,
+                          "m128" + TIER, "m128" + TIER],
     ("free", ("mp3", "aac")): ["m128", "a96" + BW, "a96" + BW, "m128", "m128", "m128"],
     ("free", ("flac", "mp3")): ["m128", "m128" + BW, "m128" + BW, "m128", "m128", "m128"],
     ("free", ("aac", "flac")): ["a96", "a96" + BW, "a96", "a96", "a96", "a96"],
     ("premium", ("mp3",)): ["m320", "m128" + BW, "m128" + BW, "m128" + BW, "m320", "m320"],
     ("premium", ("aac",)): ["a256", "a96" + BW, "a96" + BW, "a160" + BW, "a256", "a256"],
-    ("premium", ("flac",)): ["m320" + TIER, "a96" + BW, "a96" + BW, "a160" + BW, "m320" + TIER,
-                             "m320" + TIER],
+    ("premium", ("flac",)): ["m320" + TIER, "a96" + TIER, "a96" + TIER, "a160" + TIER,
+                             "m320" + TIER, "m320" + TIER],
     ("premium", ("mp3", "aac")): ["m320", "a96" + BW, "a96" + BW, "a160" + BW, "m320", "m320"],
     ("premium", ("flac", "mp3")): ["m320", "m128" + BW, "m128" + BW, "m128" + BW, "m320", "m320"],
     ("premium", ("aac", "flac")): ["a256", "a96" + BW, "a96" + BW, "a160" + BW, "a256", "a256"],
@@ -344,7 +348,7 @@ def test_step_down(
         ("free", ("mp3", "aac"), 1, AAC_96, "buffering"),
         ("free", ("mp3", "aac"), 2, AAC_96, "buffering"),
         ("free", ("mp3",), 2, MP3_128, None),
-        ("free", ("flac",), 1, AAC_96, "buffering"),  # the last rule that lowered it names it
+        ("free", ("flac",), 1, AAC_96, "tier"),  # refused by the tier: that is named first
         ("free", ("flac",), 0, MP3_128, "tier"),
         ("hifi", ("flac",), 2, FLAC, None),
         ("hifi", ("aac", "flac"), 1, AAC_256, "buffering"),
@@ -399,7 +403,14 @@ BUFFER_STEPS: list[tuple[int, float | None, float, int]] = [
     (-3, 990.0, 1000.0, 0),
     (2, 1000.0, 1000.0, 2),
     (2, 940.0, 1000.0, 2),  # exactly 60 s ago is still within the window
-    (2, 939.9, 1000.0, 0),  # a clean minute steps back up
+    (2, 939.9, 1000.0, 1),  # a clean minute steps back up a rung
+    (2, 880.0, 1000.0, 1),
+    (2, 879.9, 1000.0, 0),  # and a second one, the next
+    (7, 879.9, 1000.0, 2),  # (events beyond the cap still count down from the top)
+    (9, 700.0, 1000.0, 2),
+    (9, 0.0, 1000.0, 0),
+    (1, 0.0, math.inf, 0),
+    (1, -math.inf, 1000.0, 0),
     (5, 0.0, 1000.0, 0),
     (1, 1004.0, 1000.0, 1),  # a little in the future: clock skew, counts as now
     (1, 1100.0, 1000.0, 0),  # far in the future: not trusted
@@ -588,6 +599,14 @@ def candidates(tier: Tier, available: list[Rendition], accepted: tuple[str, ...]
     return {r.bitrate_kbps for r in (in_accepted or allowed)}
 
 
+def tier_refused(tier: Tier, available: list[Rendition], accepted: tuple[str, ...]) -> bool:
+    """Nothing allowed in the accepted formats, though the track has one the tier forbids."""
+    allowed = [r for r in available if tier_allows(tier, r)]
+    if any(r.format in accepted for r in allowed):
+        return False
+    return any(r.format in accepted and r.format in FORMATS for r in available)
+
+
 @quick
 @given(
     tiers,
@@ -636,7 +655,10 @@ def test_choice_fits_the_bandwidth_unless_it_is_the_lowest(
     # and it is the best that fits: no higher candidate would have fitted
     assert all(b * 1.25 > bandwidth for b in bitrates if b > chosen)
     if chosen < max(bitrates):
-        assert choice.downgraded == "bandwidth"
+        # (unless the tier refused what was asked: that is named first)
+        assert choice.downgraded == (
+            "tier" if tier_refused(tier, available, accepted) else "bandwidth"
+        )
 
 
 @quick
@@ -664,7 +686,9 @@ def test_stepping_down_never_increases_bitrate(
     lower = choose(tier, available, accepted, bandwidth, step + 1)
     assert lower.rendition.bitrate_kbps <= here.rendition.bitrate_kbps
     if lower.rendition != here.rendition:
-        assert lower.downgraded == "buffering"
+        # (unless the tier refused what was asked: that is named first)
+        refused = tier_refused(tier, available, accepted)
+        assert lower.downgraded == ("tier" if refused else "buffering")
 
 
 @quick
@@ -735,3 +759,18 @@ def test_parse_bandwidth_is_none_or_a_positive_finite_rate(
 )
 def test_buffer_step_is_bounded(events: int, last_at: float | None, now: float) -> None:
     assert 0 <= buffer_step(events, last_at, now) <= 2
+
+
+@quick
+@given(st.integers(0, 10), st.floats(-5.0, 1e6), st.floats(0.0, 1e6))
+def test_quality_comes_back_a_rung_per_clean_window_at_most(
+    events: int, age: float, later: float
+) -> None:
+    """The longer the stretch without buffering, the fewer events count, and each further
+    window takes off one at most."""
+    now = 1_000_000.0
+    before = recent_buffer_events(events, now - age, now)
+    after = recent_buffer_events(events, now - age, now + later)
+    assert 0 <= after <= before <= events
+    assert before - after <= math.ceil(later / BUFFER_WINDOW_S)
+    assert buffer_step(events, now - age, now) == min(before, MAX_BUFFER_STEP)

@@ -274,14 +274,55 @@ def test_unreadable_private_key_file(tmp_path: Path) -> None:
         assert str(path) in str(caught.value)
 
 
+PEM = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----"
+
+
 def test_private_key_from_file_and_inline(tmp_path: Path) -> None:
     pem = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
     key_file = tmp_path / "cf.pem"
     key_file.write_text(pem)
-    from_file = Settings.from_env({"CLOUDFRONT_PRIVATE_KEY_FILE": str(key_file)})
+    pair = {"CLOUDFRONT_KEY_PAIR_ID": "K2EXAMPLE"}
+    from_file = Settings.from_env({**pair, "CLOUDFRONT_PRIVATE_KEY_FILE": str(key_file)})
     assert from_file.cloudfront_private_key == pem
-    inline = Settings.from_env({"CLOUDFRONT_PRIVATE_KEY": pem.strip().replace("\n", "\\n")})
+    inline = Settings.from_env({**pair, "CLOUDFRONT_PRIVATE_KEY": pem.strip().replace("\n", "\\n")})
     assert inline.cloudfront_private_key == pem.strip()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CDN_DOMAIN": "d111.cloudfront.net"}, "CDN_DOMAIN: CloudFront needs signed URLs"),
+        (
+            {"CDN_DOMAIN": "d111.cloudfront.net", "CLOUDFRONT_KEY_PAIR_ID": "K2EXAMPLE"},
+            "CLOUDFRONT_PRIVATE_KEY(_FILE): required when CLOUDFRONT_KEY_PAIR_ID is set",
+        ),
+        (
+            {"CLOUDFRONT_PRIVATE_KEY": PEM},
+            "CLOUDFRONT_KEY_PAIR_ID: required when CLOUDFRONT_PRIVATE_KEY(_FILE) is set",
+        ),
+    ],
+)
+def test_cloudfront_without_its_key_pair_is_refused_at_start(
+    env: dict[str, str], message: str
+) -> None:
+    """CloudFront refuses unsigned URLs: an Edge that would sign none must not start."""
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    assert str(caught.value).startswith(message), caught.value
+
+
+def test_a_plain_origin_needs_no_cloudfront_key() -> None:
+    settings = Settings.from_env({"EDGE_CDN_URL": "http://origin.internal:8080"})
+    assert settings.cdn_base == "http://origin.internal:8080"
+    assert not settings.cloudfront_key_pair_id
+    with_pair = Settings.from_env(
+        {
+            "CDN_DOMAIN": "d111.cloudfront.net",
+            "CLOUDFRONT_KEY_PAIR_ID": "K2",
+            "CLOUDFRONT_PRIVATE_KEY": PEM,
+        }
+    )
+    assert with_pair.cdn_base == "https://d111.cloudfront.net"
 
 
 def test_url_errors_do_not_echo_credentials() -> None:
