@@ -300,6 +300,11 @@ class Metrics:
             "Renditions chosen by /play that could not be recorded in their session",
             registry=r,
         )
+        self.session_transfers_lost = Counter(
+            "edge_session_transfers_lost",
+            "Proxied transfers (bytes, throughput) that could not be added to their session",
+            registry=r,
+        )
         self.db_retries = Counter(
             "edge_db_retries",
             "Catalog queries run again after their connection died under them",

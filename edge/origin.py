@@ -535,11 +535,14 @@ class OriginPool:
         if scheme not in ("http", "https") or not host or port is None:
             raise OriginError("protocol", f"not an http(s) URL: {url}")
         key = (scheme, host, port)
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise OriginError("timeout", "every origin connection is in use") from None
+        if self._slots.locked():  # (a free slot is taken at once: no timer to set and cancel)
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise OriginError("timeout", "every origin connection is in use") from None
+        else:
+            await self._slots.acquire()
         conn: _Connection | None = None
         try:
             reused = None if fresh else self._pooled(key)

@@ -143,8 +143,12 @@ async def streaming_ctx(app: web.Application) -> AsyncIterator[None]:
             settings.cloudfront_key_pair_id, str(settings.cloudfront_private_key)
         )
     urls = SignedUrlCache(signer, settings.signed_url_lifetime, settings.signed_url_window)
+    metrics = app[keys.METRICS]
     app[keys.SESSIONS] = Sessions(
-        app[keys.REDIS], settings.redis_key_prefix, app[keys.METRICS].session_choices_lost
+        app[keys.REDIS],
+        settings.redis_key_prefix,
+        metrics.session_choices_lost,
+        metrics.session_transfers_lost,
     )
     app[keys.BACKGROUND] = Background()
     # A proxied stream holds its origin connection for its whole length: the pool is sized for

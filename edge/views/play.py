@@ -5,6 +5,7 @@ preload hint for what plays next."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Coroutine
@@ -336,6 +337,7 @@ async def _preload_hint(
     return f"<{url}>; rel=preload; as=audio"
 
 
+@functools.lru_cache(maxsize=4096)  # (per rendition; parsing and formatting it per request cost 2%)
 def _http_date(iso: str) -> tuple[str, datetime]:
     moment = datetime.fromisoformat(iso)
     return format_datetime(moment.replace(microsecond=0), usegmt=True), moment.replace(
@@ -421,7 +423,7 @@ async def _proxy(
     if state is not None and not preload:
         sessions = app[keys.SESSIONS]
         kbps = sent.bytes * 8 / 1000 / elapsed if sent.bytes >= MIN_MEASURED_BYTES else None
-        background(app, sessions.record_transfer(state.sid, sent.bytes, kbps))
+        sessions.record_transfer_soon(state.sid, sent.bytes, kbps)
         # Only contiguous audio from byte 0 is playback (not the parts of a multipart read).
         from_start = decision.status == 200 or (
             not decision.is_multipart and decision.ranges[0].start == 0

@@ -599,8 +599,10 @@ async def test_a_session_write_renews_it(
     sessions = ready.app[keys.SESSIONS]
     key = session_key(redis_prefix, SID)
     await redis_client.expire(key, 100)
-    assert await sessions.record_transfer(SID, 4096, None) is None
+    sessions.record_transfer_soon(SID, 4096, None)
+    await sessions.drain()
     assert await redis_client.ttl(key) > TTL_SESSION - 60
+    assert (await session_hash(redis_client, redis_prefix, SID))["bytes"] == "4096"
     # A session that is gone is not made again by a late write.
     await redis_client.delete(key)
     await sessions.record_choice(SID, "aac", 96)

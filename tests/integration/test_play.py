@@ -82,7 +82,10 @@ async def post_events(
 
 
 async def drain(client: Client) -> None:
+    """What /play does after its answer: the background work, and the session writes it
+    queued (choices, transfers)."""
     await client.app[keys.BACKGROUND].drain()
+    await client.app[keys.SESSIONS].drain()
 
 
 def b64url(data: bytes) -> str:

@@ -77,6 +77,41 @@ async def test_choices_lost_to_a_redis_outage_are_counted() -> None:
     assert lost._value.get() == 4
 
 
+async def test_transfers_lost_to_a_redis_outage_are_counted_apart_from_choices() -> None:
+    down = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1)
+    choices, transfers = lost_counter(), lost_counter()
+    sessions = Sessions(down, "t:", choices, transfers)
+    try:
+        for n in range(3):
+            sessions.record_transfer_soon(f"sid-{n}-0000000000000000", 65536, 900.0)
+        await sessions.drain()
+    finally:
+        await down.aclose()
+    assert (choices._value.get(), transfers._value.get()) == (0, 3)
+
+
+async def test_transfers_add_up_in_one_batch(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Transfers queued in one loop iteration go to Redis together, each added to its session
+    (bytes summed, the last throughput kept); a session that is gone is not made again."""
+    sessions = Sessions(redis_client, redis_prefix, lost_counter(), lost_counter())
+    state = await sessions.open(None, "user", 5, limit=3, remaining_seconds=60)
+    batches = sessions._transfers.batches
+    sessions.record_transfer_soon(state.sid, 1000, None)
+    sessions.record_transfer_soon(state.sid, 70000, 812.34, now=1_700_000_000.0)
+    sessions.record_transfer_soon("gone-session-000000000000", 5, None)
+    await sessions.drain()
+    assert sessions._transfers.batches == batches + 1
+    fields = await redis_client.hgetall(sessions.key(state.sid))
+    assert (fields[b"bytes"], fields[b"tput"], fields[b"tput_at"]) == (
+        b"71000",
+        b"812.3",
+        b"1700000000.000",
+    )
+    assert await redis_client.exists(sessions.key("gone-session-000000000000")) == 0
+
+
 async def test_the_queue_is_bounded() -> None:
     down = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1)
     lost = lost_counter()
