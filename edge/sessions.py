@@ -216,11 +216,6 @@ class SessionState(NamedTuple):
             _int(choice_track),
         )
 
-    @classmethod
-    def from_hash(cls, sid: str, fields: dict[str, str], created: bool) -> SessionState:
-        """From a session hash as HGETALL gives it (decoded)."""
-        return cls.from_redis(sid, [fields.get(f) for f in STATE_FIELDS], created)
-
 
 # One script call, packed (RESP: EVALSHA, its sha, the number of keys, the keys, the arguments).
 _Call = bytes
@@ -436,6 +431,60 @@ class ScriptBatch:
             await asyncio.gather(*self._sending, return_exceptions=True)
 
 
+class SessionWrites:
+    """Writes to sessions, gathered and then sent as one MULTI/EXEC: Redis applies all of them
+    at once, or none if it is gone before the EXEC. One round trip (and redis-py's check that
+    the scripts are loaded) for a whole batch of events instead of one per event. `execute`
+    returns each write's result in the order the writes were added."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self._sessions = sessions
+        self._pipe = sessions.redis.pipeline(transaction=True)
+        self._n = 0
+
+    def _added(self, commands: int = 1) -> int:
+        index, self._n = self._n, self._n + commands
+        return index
+
+    def renew(self, sids: list[str]) -> None:
+        """The sessions were used: each lives TTL_SESSION from now. (A session already gone
+        stays gone: EXPIRE makes no key.)"""
+        for sid in sids:
+            self._pipe.expire(self._sessions.key(sid), TTL_SESSION)
+            self._added()
+
+    # (The two scripts' calls are awaited: redis-py's script call is a coroutine, which on a
+    # pipeline only queues the EVALSHA.)
+
+    async def update(self, sid: str, fields: dict[str, str | int | float]) -> int:
+        args: list[str | int | float] = ["", 0]
+        for name, value in fields.items():
+            args += [name, value]
+        await self._sessions._update(keys=[self._sessions.key(sid)], args=args, client=self._pipe)
+        return self._added()
+
+    async def count_play(self, sid: str, row: dict[str, Any]) -> int:
+        """As Sessions.count_play: its result is 1 where the play was queued (once per session
+        and track)."""
+        s = self._sessions
+        await s._count(
+            keys=[s.key(sid), s.prefix + PLAYS_QUEUE],
+            args=[row["track_id"], orjson.dumps(row)],
+            client=self._pipe,
+        )
+        return self._added()
+
+    def stop(self, sid: str, user_id: str) -> None:
+        """The player paused or ended: its stream no longer takes a slot."""
+        self._pipe.zrem(self._sessions.prefix + active_key(user_id), sid)
+        self._pipe.zrem(self._sessions.prefix + ACTIVE_ALL, sid)
+        self._added(2)
+
+    async def execute(self) -> list[Any]:
+        async with self._pipe as pipe:
+            return list(await pipe.execute()) if self._n else []
+
+
 class SessionError(Exception):
     def __init__(self, kind: str, detail: str = "") -> None:
         super().__init__(kind)
@@ -502,23 +551,6 @@ class Sessions:
             raise SessionError("limit", _s(result[1]))
         return SessionState.from_redis(sid, result[1:], status == "new")
 
-    async def update(
-        self, sid: str, fields: dict[str, str | int | float], incr: tuple[str, int] | None = None
-    ) -> bool:
-        """Set fields of a live session (an expired one is not resurrected)."""
-        args: list[str | int | float] = [incr[0], incr[1]] if incr else ["", 0]
-        for name, value in fields.items():
-            args += [name, value]
-        return bool(await self._update(keys=[self.key(sid)], args=args))
-
-    async def record_choice(
-        self, sid: str, fmt: str, bitrate_kbps: int, track_id: int | None = None
-    ) -> None:
-        fields: dict[str, str | int | float] = {"format": fmt, "bitrate": bitrate_kbps}
-        if track_id is not None:
-            fields["choice_track"] = track_id
-        await self.update(sid, fields)
-
     def record_choice_soon(self, sid: str, fmt: str, bitrate_kbps: int, track_id: int) -> None:
         """record_choice without waiting: /play answers first, and the choice goes to Redis
         with the other calls of this event-loop iteration (see ScriptBatch)."""
@@ -553,20 +585,9 @@ class Sessions:
             args += ("tput", f"{kbps:.1f}", "tput_at", f"{time.time() if now is None else now:.3f}")
         self._transfers.call([self.key(sid)], args, want_result=False)
 
-    async def renew(self, sids: list[str]) -> None:
-        """The sessions were used (a player's events): each lives TTL_SESSION from now. (A
-        session already gone stays gone: EXPIRE makes no key.)"""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in sids:
-                pipe.expire(self.key(sid), TTL_SESSION)
-            await pipe.execute()
-
-    async def stop(self, sid: str, user_id: str) -> None:
-        """The player paused or ended: its stream no longer takes a slot."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(self.prefix + active_key(user_id), sid)
-            pipe.zrem(self.prefix + ACTIVE_ALL, sid)
-            await pipe.execute()
+    def writes(self) -> SessionWrites:
+        """Writes to sessions to send together, all or none (a player's batch of events)."""
+        return SessionWrites(self)
 
     async def active_count(self, now: float | None = None) -> int:
         now = time.time() if now is None else now

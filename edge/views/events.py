@@ -19,8 +19,8 @@ from aiohttp import web
 
 from edge import auth, keys, quality
 from edge.errors import ApiError, bad_request
-from edge.sessions import SessionState, valid_session_id
-from edge.views.play import count_play
+from edge.sessions import SessionWrites, valid_session_id
+from edge.views.play import play_row
 
 log = structlog.get_logger("edge.player")
 routes = web.RouteTableDef()
@@ -136,14 +136,19 @@ async def events(request: web.Request) -> web.Response:
             raise ApiError(404, "unknown_session", f"session {e.sid} does not exist (expired?)")
         if state.get("user") != who.user_id:
             raise ApiError(403, "session_forbidden", "this session is another user's")
-    # Everything is valid: apply. Events are a use of their sessions: a player that keeps
-    # reporting (a long listen in redirect mode asks /play once a track) keeps its session.
-    await sessions.renew(sorted(found))
+    # Everything is valid: apply, in one MULTI/EXEC (all of the batch, or nothing if Redis
+    # fails). Events are a use of their sessions: a player that keeps reporting (a long listen
+    # in redirect mode asks /play once a track) keeps its session.
+    writes = sessions.writes()
+    writes.renew(sorted(found))
     now = time.time()
     metrics = app[keys.METRICS]
+    plays: list[int] = []  # where in the writes a play is counted
     for e in batch:
         state = found[e.sid]
         fmt = e.format or state.get("format") or "unknown"
+        # (Counted and logged whether or not Redis then takes the batch: what players report
+        # during an outage is what operators need to see most.)
         metrics.player_events.labels(e.type, fmt if fmt in FORMATS else "unknown").inc()
         log.info(
             "player_event",
@@ -157,37 +162,44 @@ async def events(request: web.Request) -> web.Response:
             code=e.code,
             client_at=e.at,
         )
-        await _apply(app, e, state, now, fmt)
+        if e.type == "error":
+            metrics.player_errors.labels(
+                e.code or "other", fmt if fmt in FORMATS else "unknown"
+            ).inc()
+        await _stage(writes, e, state, now, plays)
+    results = await writes.execute()
+    for index in plays:
+        if results[index] == 1:
+            metrics.plays_counted.labels("event").inc()
     return web.Response(
         status=202, body=orjson.dumps({"accepted": len(batch)}), content_type="application/json"
     )
 
 
-async def _apply(
-    app: web.Application, e: Event, state: dict[str, str], now: float, fmt: str
+async def _stage(
+    writes: SessionWrites, e: Event, state: dict[str, str], now: float, plays: list[int]
 ) -> None:
-    sessions = app[keys.SESSIONS]
-    metrics = app[keys.METRICS]
+    """The event's writes; `state` (the session as read before the batch) follows them, so a
+    later event of the batch sees what an earlier one did."""
     if e.type in BUFFER_TYPES:
         # Only recent buffering steps quality down: what a clean stretch took off the count
         # stays off (quality.recent_buffer_events).
         last = _float(state.get("buf_at"))
         count = quality.recent_buffer_events(_int(state.get("buf_n")) or 0, last, now) + 1
         state["buf_n"], state["buf_at"] = str(count), f"{now:.3f}"
-        await sessions.update(e.sid, {"buf_n": count, "buf_at": f"{now:.3f}"})
-    elif e.type == "error":
-        metrics.player_errors.labels(e.code or "other", fmt if fmt in FORMATS else "unknown").inc()
+        await writes.update(e.sid, {"buf_n": count, "buf_at": f"{now:.3f}"})
     elif e.type == "quality_change" and e.format and e.bitrate_kbps:
-        await sessions.record_choice(e.sid, e.format, e.bitrate_kbps)
+        state["format"], state["bitrate"] = e.format, str(e.bitrate_kbps)
+        await writes.update(e.sid, {"format": e.format, "bitrate": e.bitrate_kbps})
     elif e.type == "playing":
         track = state.get("track")
         if track and state.get("counted") != track:
-            session = SessionState.from_hash(e.sid, state, False)
             rendition = {"format": state.get("format"), "bitrate_kbps": _int(state.get("bitrate"))}
-            if await count_play(app, session, int(track), rendition, "event"):
-                state["counted"] = track
+            row = play_row(state["user"], e.sid, int(track), rendition, now)
+            plays.append(await writes.count_play(e.sid, row))
+            state["counted"] = track
     elif e.type in ("paused", "ended"):
-        await sessions.stop(e.sid, state["user"])
+        writes.stop(e.sid, state["user"])
 
 
 def _float(value: str | None) -> float | None:

@@ -454,6 +454,20 @@ class _LaterPart:
         pass  # nothing fetched yet
 
 
+def play_row(
+    user_id: str, sid: str, track_id: int, rendition: dict[str, Any], at: float
+) -> dict[str, Any]:
+    """A counted play as the flush job writes it to `plays`."""
+    return {
+        "track_id": track_id,
+        "user_id": user_id,
+        "session_id": sid,
+        "format": rendition.get("format"),
+        "bitrate_kbps": rendition.get("bitrate_kbps"),
+        "at": at,
+    }
+
+
 async def count_play(
     app: web.Application,
     state: SessionState,
@@ -461,14 +475,7 @@ async def count_play(
     rendition: dict[str, Any],
     via: str,
 ) -> bool:
-    row = {
-        "track_id": track_id,
-        "user_id": state.user_id,
-        "session_id": state.sid,
-        "format": rendition.get("format"),
-        "bitrate_kbps": rendition.get("bitrate_kbps"),
-        "at": time.time(),
-    }
+    row = play_row(state.user_id, state.sid, track_id, rendition, time.time())
     counted = await app[keys.SESSIONS].count_play(state.sid, row)
     if counted:
         app[keys.METRICS].plays_counted.labels(via).inc()

@@ -605,5 +605,46 @@ async def test_a_session_write_renews_it(
     assert (await session_hash(redis_client, redis_prefix, SID))["bytes"] == "4096"
     # A session that is gone is not made again by a late write.
     await redis_client.delete(key)
-    await sessions.record_choice(SID, "aac", 96)
+    sessions.record_choice_soon(SID, "aac", 96, 1)
+    sessions.record_transfer_soon(SID, 1, None)
+    await sessions.drain()
     assert not await redis_client.exists(key)
+
+
+async def exec_calls(redis: aioredis.Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_exec", {}).get("calls", 0))
+
+
+async def test_a_batch_is_applied_in_order_in_one_transaction(
+    make_client: MakeClient,
+    playable: dict[str, Any],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    """A whole batch goes to Redis as one MULTI/EXEC (all of it, or nothing if Redis is gone
+    before the EXEC; not an event at a time), and each event sees what the ones before it in
+    the batch did: the play counted after a quality change is of the new rendition."""
+    # (No L1 cache watch: its MULTI/EXEC would be counted too.)
+    client = await make_client(cache_l1_ttl=0)
+    await start(client, playable["tracks"]["hells"], SID)
+    events: list[dict[str, Any]] = [{"sid": SID, "type": "seek", "position": 1.0}] * 30
+    events += [
+        {"sid": SID, "type": "waiting"},
+        {"sid": SID, "type": "stalled"},
+        {"sid": SID, "type": "quality_change", "format": "aac", "bitrate_kbps": 160},
+        {"sid": SID, "type": "playing"},
+        {"sid": SID, "type": "playing"},
+        {"sid": SID, "type": "paused"},
+    ]
+    before = await exec_calls(redis_client)
+    assert (await post_json(client, events)).status == 202
+    assert await exec_calls(redis_client) == before + 1
+    state = await session_hash(redis_client, redis_prefix, SID)
+    assert (state["buf_n"], state["format"], state["bitrate"]) == ("2", "aac", "160")
+    queued = await queued_plays(redis_client, redis_prefix)
+    assert [(p["track_id"], p["format"], p["bitrate_kbps"]) for p in queued] == [
+        (playable["tracks"]["hells"], "aac", 160)
+    ]
+    assert sample(client, "edge_plays_counted_total", via="event") == 1
+    assert await redis_client.zrange(redis_prefix + active_key("alice"), 0, -1) == []
