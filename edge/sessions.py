@@ -136,6 +136,34 @@ table.insert(state, 1, owner and 'ok' or 'new')
 return state
 """.replace("FIELDS", ", ".join(f"'{f}'" for f in STATE_FIELDS))
 
+# KEYS: session, plays queue. ARGV: bytes sent, throughput and its time ('' if not measured),
+# then for contiguous audio of one rendition (else nothing): its tag (track:format:bitrate), the
+# range's first and past-the-end byte, the track, the bytes that make a play, the play's row.
+# Adds the transfer to the session; where the range starts at or before what the session has
+# played of that rendition from byte 0, it extends that reach, and once the reach makes a play
+# it queues the play (once per session and track). 0: no session; 1: added; 2: a play counted.
+_TRANSFER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'tput', ARGV[2], 'tput_at', ARGV[3]) end
+redis.call('EXPIRE', KEYS[1], TTL)
+if #ARGV < 9 then return 1 end
+local seen = redis.call('HMGET', KEYS[1], 'reach_of', 'reach')
+local reach = 0
+if seen[1] == ARGV[4] then reach = tonumber(seen[2]) or 0 end
+if tonumber(ARGV[5]) > reach then return 1 end
+if tonumber(ARGV[6]) > reach then
+  reach = tonumber(ARGV[6])
+  redis.call('HSET', KEYS[1], 'reach_of', ARGV[4], 'reach', ARGV[6])
+end
+if reach < tonumber(ARGV[8]) or redis.call('HGET', KEYS[1], 'counted') == ARGV[7] then
+  return 1
+end
+redis.call('HSET', KEYS[1], 'counted', ARGV[7])
+redis.call('RPUSH', KEYS[2], ARGV[9])
+return 2
+""".replace("TTL", str(TTL_SESSION))
+
 # KEYS: session, plays queue. ARGV: track, row. Once per session and track.
 _COUNT_PLAY = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -300,7 +328,7 @@ class ScriptBatch:
         self.batches = 0
 
     def call(
-        self, keys: list[str], args: tuple[str | int | float, ...], want_result: bool = True
+        self, keys: list[str], args: tuple[str | int | float | bytes, ...], want_result: bool = True
     ) -> asyncio.Future[Any] | None:
         loop = asyncio.get_running_loop()
         answer = loop.create_future() if want_result else None
@@ -431,6 +459,18 @@ class ScriptBatch:
             await asyncio.gather(*self._sending, return_exceptions=True)
 
 
+class Audio(NamedTuple):
+    """What a proxied transfer was, for counting a play by bytes (Sessions.record_transfer_soon):
+    contiguous bytes of one rendition (`tag`: track, format and bitrate) from `start`."""
+
+    tag: str
+    start: int
+    track_id: int
+    play_bytes: int  # what makes a play: about EDGE_PLAY_THRESHOLD_SECONDS of it, or all of it
+    row: dict[str, Any]  # the play, as the flush job writes it
+    counted: Callable[[], None]  # called when this transfer counted the play
+
+
 class SessionWrites:
     """Writes to sessions, gathered and then sent as one MULTI/EXEC: Redis applies all of them
     at once, or none if it is gone before the EXEC. One round trip (and redis-py's check that
@@ -464,8 +504,8 @@ class SessionWrites:
         return self._added()
 
     async def count_play(self, sid: str, row: dict[str, Any]) -> int:
-        """As Sessions.count_play: its result is 1 where the play was queued (once per session
-        and track)."""
+        """Queue a play for the flush job unless this session already counted this track: its
+        result is 1 where the play was queued."""
         s = self._sessions
         await s._count(
             keys=[s.key(sid), s.prefix + PLAYS_QUEUE],
@@ -510,7 +550,7 @@ class Sessions:
         # The hot path's scripts go out batched: one pipeline per event-loop iteration.
         self._opens = ScriptBatch(redis, _OPEN)
         self._updates = ScriptBatch(redis, _UPDATE, on_lost=self._lost)
-        self._transfers = ScriptBatch(redis, _UPDATE, on_lost=self._transfers_lost)
+        self._transfers = ScriptBatch(redis, _TRANSFER, on_lost=self._transfers_lost)
 
     def key(self, sid: str) -> str:
         return self.prefix + session_key(sid)
@@ -574,16 +614,51 @@ class Sessions:
         await self._transfers.drain()
 
     def record_transfer_soon(
-        self, sid: str, sent: int, kbps: float | None, now: float | None = None
+        self,
+        sid: str,
+        sent: int,
+        kbps: float | None,
+        now: float | None = None,
+        audio: Audio | None = None,
     ) -> None:
         """Add a proxied transfer to the session (its bytes, and the throughput measured on
         it), without waiting: batched with the other writes of this event-loop iteration, as
         record_choice_soon. (A task and a redis-py call per stream cost proxy mode about 7% of
-        its CPU on small ranges: bench/PLAY_RESULTS.md, session 12.)"""
-        args: tuple[str | int, ...] = ("bytes", sent)
-        if kbps is not None:
-            args += ("tput", f"{kbps:.1f}", "tput_at", f"{time.time() if now is None else now:.3f}")
-        self._transfers.call([self.key(sid)], args, want_result=False)
+        its CPU on small ranges: bench/PLAY_RESULTS.md, session 12.) With `audio` (the
+        transfer was contiguous audio of one rendition) it also counts the play once the
+        session has played enough of it from byte 0, in one response or in consecutive ranges
+        (a player that reads a file a range at a time), and then calls `audio.counted`."""
+        tput = (
+            ("", "")
+            if kbps is None
+            else (f"{kbps:.1f}", f"{time.time() if now is None else now:.3f}")
+        )
+        keys = [self.key(sid), self.prefix + PLAYS_QUEUE]
+        if audio is None:
+            self._transfers.call(keys, (sent, *tput), want_result=False)
+            return
+        args = (
+            sent,
+            *tput,
+            audio.tag,
+            audio.start,
+            audio.start + sent,
+            audio.track_id,
+            audio.play_bytes,
+            orjson.dumps(audio.row),
+        )
+        answer = self._transfers.call(keys, args)
+        if answer is not None:
+            answer.add_done_callback(functools.partial(self._transferred, audio.counted))
+
+    def _transferred(self, counted: Callable[[], None], answer: asyncio.Future[Any]) -> None:
+        if answer.cancelled():
+            return
+        error = answer.exception()
+        if error is not None:
+            self._transfers_lost(1, type(error).__name__)
+        elif answer.result() == 2:
+            counted()
 
     def writes(self) -> SessionWrites:
         """Writes to sessions to send together, all or none (a player's batch of events)."""
@@ -608,14 +683,6 @@ class Sessions:
             for sid, h in zip(sids, found, strict=True)
             if h
         }
-
-    async def count_play(self, sid: str, row: dict[str, Any]) -> bool:
-        """Queue a play for the flush job unless this session already counted this track."""
-        counted = await self._count(
-            keys=[self.key(sid), self.prefix + PLAYS_QUEUE],
-            args=[row["track_id"], orjson.dumps(row)],
-        )
-        return int(counted) == 1
 
     async def take_plays(self, batch: int) -> list[dict[str, Any]]:
         rows = await self._take(keys=[self.prefix + PLAYS_QUEUE], args=[batch])

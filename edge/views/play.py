@@ -8,7 +8,7 @@ import asyncio
 import functools
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
@@ -25,7 +25,7 @@ from edge.cdn import Cdn, UpstreamError
 from edge.errors import ApiError, bad_request, not_found
 from edge.origin import OriginResponse, Sink
 from edge.ranges import ByteRange, resolve
-from edge.sessions import SessionError, SessionState, device_session_id, valid_session_id
+from edge.sessions import Audio, SessionError, SessionState, device_session_id, valid_session_id
 from edge.streaming import Representation, head_response, send
 
 log = structlog.get_logger(__name__)
@@ -125,10 +125,6 @@ def device_sid(request: web.Request, user_id: str) -> str:
     sends no `sid`."""
     device = f"{request.remote}\x00{request.headers.get('User-Agent', '')}"
     return device_session_id(request.app[keys.SESSION_SECRET], user_id, device)
-
-
-def background(app: web.Application, coro: Coroutine[Any, Any, Any]) -> None:
-    app[keys.BACKGROUND].spawn(coro)
 
 
 @routes.route("GET", "/play/{id}", name="play")
@@ -421,18 +417,23 @@ async def _proxy(
         metrics.upstream_errors.labels("cdn", "mid_body").inc()
         log.error("upstream_died_mid_body", key=key, sent=sent.bytes, reason=sent.reason)
     if state is not None and not preload:
-        sessions = app[keys.SESSIONS]
         kbps = sent.bytes * 8 / 1000 / elapsed if sent.bytes >= MIN_MEASURED_BYTES else None
-        sessions.record_transfer_soon(state.sid, sent.bytes, kbps)
-        # Only contiguous audio from byte 0 is playback (not the parts of a multipart read).
-        from_start = decision.status == 200 or (
-            not decision.is_multipart and decision.ranges[0].start == 0
-        )
-        threshold = min(
-            rep.size, int(rendition["bitrate_kbps"] * 1000 / 8 * settings.play_threshold_seconds)
-        )
-        if from_start and sent.bytes >= threshold and state.counted_track != track.id:
-            background(app, count_play(app, state, track.id, rendition, "bytes"))
+        audio = None
+        # Playback is contiguous audio from byte 0: one response, or consecutive ranges (not
+        # the parts of a multipart read).
+        if not decision.is_multipart and state.counted_track != track.id:
+            audio = Audio(
+                f"{track.id}:{rendition['format']}:{rendition['bitrate_kbps']}",
+                0 if decision.status == 200 else decision.ranges[0].start,
+                track.id,
+                min(
+                    rep.size,
+                    int(rendition["bitrate_kbps"] * 1000 / 8 * settings.play_threshold_seconds),
+                ),
+                play_row(state.user_id, state.sid, track.id, rendition, time.time()),
+                metrics.plays_counted.labels("bytes").inc,
+            )
+        app[keys.SESSIONS].record_transfer_soon(state.sid, sent.bytes, kbps, audio=audio)
     return sent.response
 
 
@@ -466,17 +467,3 @@ def play_row(
         "bitrate_kbps": rendition.get("bitrate_kbps"),
         "at": at,
     }
-
-
-async def count_play(
-    app: web.Application,
-    state: SessionState,
-    track_id: int,
-    rendition: dict[str, Any],
-    via: str,
-) -> bool:
-    row = play_row(state.user_id, state.sid, track_id, rendition, time.time())
-    counted = await app[keys.SESSIONS].count_play(state.sid, row)
-    if counted:
-        app[keys.METRICS].plays_counted.labels(via).inc()
-    return counted

@@ -1069,6 +1069,51 @@ async def test_enough_bytes_from_the_start_count(
     assert len(await queued_plays(redis_client, redis_prefix)) == 1
 
 
+async def test_consecutive_ranges_from_the_start_count_once(
+    make_client: MakeClient,
+    playable: dict[str, Any],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    """A player that reads the file a range at a time plays it as much as one that reads it in
+    one response: ranges that continue what the session played from byte 0 (of the same
+    rendition) add up; a range past a gap, or of another rendition, does not."""
+    client = await make_client(play_threshold_seconds=1.0)  # 320 kbit/s: 40,000 bytes
+    hells = playable["tracks"]["hells"]
+
+    async def ranged(sid: str, rng: str, **params: str) -> None:
+        resp = await play(client, hells, sid=sid, mode="proxy", headers={"Range": rng}, **params)
+        assert resp.status == 206
+        await resp.read()
+        await drain(client)
+
+    # Past a gap: 0-9999, then 20000-59999 (nothing between 10000 and 19999 was sent).
+    await ranged(SID_B, "bytes=0-9999")
+    await ranged(SID_B, "bytes=20000-59999")
+    assert await queued_plays(redis_client, redis_prefix) == []
+    # Another rendition's bytes do not continue this one's (a seek there, then back).
+    # (AAC 256: 32,000 bytes make a play.)
+    await ranged(SID_C, "bytes=0-19999", format="mp3", bitrate="320")
+    await ranged(SID_C, "bytes=0-29999", format="aac", bitrate="256")
+    await ranged(SID_C, "bytes=20000-49999", format="mp3", bitrate="320")
+    assert await queued_plays(redis_client, redis_prefix) == []
+    # Consecutive, and overlapping, ranges from byte 0: counted when they reach 40,000.
+    for rng in ("bytes=0-15999", "bytes=16000-31999", "bytes=30000-39998"):
+        await ranged(SID_A, rng)
+    assert await queued_plays(redis_client, redis_prefix) == []
+    await ranged(SID_A, "bytes=39999-47999")
+    assert [
+        (p["track_id"], p["format"], p["bitrate_kbps"], p["session_id"])
+        for p in await queued_plays(redis_client, redis_prefix)
+    ] == [(hells, "mp3", 320, SID_A)]
+    assert sample(client, "edge_plays_counted_total", via="bytes") == 1
+    # Once per session and track.
+    await ranged(SID_A, "bytes=48000-")
+    await ranged(SID_A, "bytes=0-")
+    assert len(await queued_plays(redis_client, redis_prefix)) == 1
+    assert sample(client, "edge_plays_counted_total", via="bytes") == 1
+
+
 async def test_multirange_from_the_middle_does_not_count(
     make_client: MakeClient,
     playable: dict[str, Any],
@@ -1201,7 +1246,7 @@ async def test_queued_plays_reach_postgresql_on_the_timer_and_at_shutdown(
 
     stopping = await make_client()  # (the tests' default: no timed flush within the test)
     assert (await play(stopping, shoot, user="bob", sid=SID_C, mode="proxy")).status == 200
-    await stopping.app[keys.BACKGROUND].drain()
+    await drain(stopping)
     assert len(await queued_plays(redis_client, redis_prefix)) == 1
     assert await db.fetchval("SELECT count(*) FROM plays WHERE user_id = 'bob'") == 0
     await stopping.close()  # the app's shutdown

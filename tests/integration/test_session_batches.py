@@ -15,7 +15,14 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from edge.embedded import free_port
-from edge.sessions import MAX_PENDING_CALLS, ScriptBatch, SessionError, Sessions, SessionState
+from edge.sessions import (
+    MAX_PENDING_CALLS,
+    Audio,
+    ScriptBatch,
+    SessionError,
+    Sessions,
+    SessionState,
+)
 from tests.conftest import Servers
 
 
@@ -77,17 +84,24 @@ async def test_choices_lost_to_a_redis_outage_are_counted() -> None:
     assert lost._value.get() == 4
 
 
-async def test_transfers_lost_to_a_redis_outage_are_counted_apart_from_choices() -> None:
+@pytest.mark.parametrize("with_audio", [False, True])
+async def test_transfers_lost_to_a_redis_outage_are_counted_apart_from_choices(
+    with_audio: bool,
+) -> None:
     down = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1)
     choices, transfers = lost_counter(), lost_counter()
     sessions = Sessions(down, "t:", choices, transfers)
+    counted: list[int] = []
     try:
         for n in range(3):
-            sessions.record_transfer_soon(f"sid-{n}-0000000000000000", 65536, 900.0)
+            audio = Audio("1:mp3:320", 0, 1, 1000, {"track_id": 1}, lambda: counted.append(1))
+            sessions.record_transfer_soon(
+                f"sid-{n}-0000000000000000", 65536, 900.0, audio=audio if with_audio else None
+            )
         await sessions.drain()
     finally:
         await down.aclose()
-    assert (choices._value.get(), transfers._value.get()) == (0, 3)
+    assert (choices._value.get(), transfers._value.get(), counted) == (0, 3, [])
 
 
 async def test_transfers_add_up_in_one_batch(
