@@ -263,7 +263,8 @@ def _within(then: float, now: float, window_s: float) -> bool:
 
 
 def recent_buffer_events(buffer_events: int, last_buffer_at: float | None, now: float) -> int:
-    """The buffer events that still count: all of them while the last was at most
+    """The buffer events that still count, `MAX_BUFFER_STEP` at most (more would keep quality
+    down for minutes after the buffering stopped): all of them while the last was at most
     `BUFFER_WINDOW_S` ago, then one fewer for each further clean `BUFFER_WINDOW_S` (quality
     comes back a rung at a time, as it went down). 0 for a time far in the future or NaN."""
     if last_buffer_at is None:
@@ -271,15 +272,15 @@ def recent_buffer_events(buffer_events: int, last_buffer_at: float | None, now: 
     age = now - last_buffer_at
     if not -CLOCK_SKEW_S <= age < math.inf:
         return 0
-    count = max(0, buffer_events)
+    count = max(0, min(buffer_events, MAX_BUFFER_STEP))
     if age > BUFFER_WINDOW_S:
         count -= math.ceil(age / BUFFER_WINDOW_S) - 1
     return max(0, count)
 
 
 def buffer_step(buffer_events: int, last_buffer_at: float | None, now: float) -> int:
-    """Rungs to step down: one per buffer event that still counts, up to `MAX_BUFFER_STEP`."""
-    return min(recent_buffer_events(buffer_events, last_buffer_at, now), MAX_BUFFER_STEP)
+    """Rungs to step down: one per buffer event that still counts."""
+    return recent_buffer_events(buffer_events, last_buffer_at, now)
 
 
 # Choices made, by all of choose's arguments: players repeat theirs (a tier, a track's ladder, a

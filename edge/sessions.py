@@ -393,18 +393,31 @@ class ScriptBatch:
         # (a new one), and a script Redis no longer has (loaded again). A restarted Redis
         # needs both.
         reconnected = reloaded = False
+        results: list[Any] | None = None
+        sending = calls
         while True:
             try:
-                results = await self._round_trip(calls)
+                answered = await self._round_trip(sending)
             except RedisConnectionError:
                 if reconnected:
                     raise
                 reconnected = True
                 continue
-            if reloaded or not any(isinstance(r, NoScriptError) for r in results):
+            if results is None:
+                results = answered
+            else:  # the refused calls, sent again: their answers into their places
+                again = iter(answered)
+                results = [next(again) if isinstance(r, NoScriptError) else r for r in results]
+            missing = [
+                c for c, r in zip(calls, results, strict=True) if isinstance(r, NoScriptError)
+            ]
+            if reloaded or not missing:
                 return results
             reloaded = True
             await self.redis.script_load(self.script)
+            # Only the refused calls go again: the others ran (a transfer's bytes must not be
+            # added twice) when another caller's load came in the middle of the batch.
+            sending = missing
 
     async def _round_trip(self, calls: list[_Call]) -> list[Any]:
         pool = self.redis.connection_pool
@@ -473,56 +486,61 @@ class Audio(NamedTuple):
 
 class SessionWrites:
     """Writes to sessions, gathered and then sent as one MULTI/EXEC: Redis applies all of them
-    at once, or none if it is gone before the EXEC. One round trip (and redis-py's check that
-    the scripts are loaded) for a whole batch of events instead of one per event. `execute`
-    returns each write's result in the order the writes were added."""
+    at once, or none if it is gone before the EXEC. One round trip for a whole batch of events
+    instead of one per event. `execute` returns each write's result in the order the writes
+    were added. Every write may be applied twice (it sets, expires, removes, or counts a play
+    once per session and track): a Redis that lost the scripts (a restart) runs the rest of the
+    transaction and refuses their calls, and then the whole batch goes again."""
 
     def __init__(self, sessions: Sessions) -> None:
         self._sessions = sessions
-        self._pipe = sessions.redis.pipeline(transaction=True)
-        self._n = 0
+        self._commands: list[tuple[str | int | bytes, ...]] = []
 
-    def _added(self, commands: int = 1) -> int:
-        index, self._n = self._n, self._n + commands
-        return index
+    def _add(self, *command: str | int | bytes) -> int:
+        self._commands.append(command)
+        return len(self._commands) - 1
 
     def renew(self, sids: list[str]) -> None:
         """The sessions were used: each lives TTL_SESSION from now. (A session already gone
         stays gone: EXPIRE makes no key.)"""
         for sid in sids:
-            self._pipe.expire(self._sessions.key(sid), TTL_SESSION)
-            self._added()
+            self._add("EXPIRE", self._sessions.key(sid), TTL_SESSION)
 
-    # (The two scripts' calls are awaited: redis-py's script call is a coroutine, which on a
-    # pipeline only queues the EVALSHA.)
-
-    async def update(self, sid: str, fields: dict[str, str | int | float]) -> int:
-        args: list[str | int | float] = ["", 0]
+    def update(self, sid: str, fields: dict[str, str | int]) -> int:
+        """Set fields of a live session (an expired one is not made again)."""
+        args: list[str | int] = ["", 0]
         for name, value in fields.items():
             args += [name, value]
-        await self._sessions._update(keys=[self._sessions.key(sid)], args=args, client=self._pipe)
-        return self._added()
+        return self._add("EVALSHA", self._sessions._update.sha, 1, self._sessions.key(sid), *args)
 
-    async def count_play(self, sid: str, row: dict[str, Any]) -> int:
+    def count_play(self, sid: str, row: dict[str, Any]) -> int:
         """Queue a play for the flush job unless this session already counted this track: its
         result is 1 where the play was queued."""
         s = self._sessions
-        await s._count(
-            keys=[s.key(sid), s.prefix + PLAYS_QUEUE],
-            args=[row["track_id"], orjson.dumps(row)],
-            client=self._pipe,
-        )
-        return self._added()
+        keys = (s.key(sid), s.prefix + PLAYS_QUEUE)
+        return self._add("EVALSHA", s._count.sha, 2, *keys, row["track_id"], orjson.dumps(row))
 
     def stop(self, sid: str, user_id: str) -> None:
         """The player paused or ended: its stream no longer takes a slot."""
-        self._pipe.zrem(self._sessions.prefix + active_key(user_id), sid)
-        self._pipe.zrem(self._sessions.prefix + ACTIVE_ALL, sid)
-        self._added(2)
+        self._add("ZREM", self._sessions.prefix + active_key(user_id), sid)
+        self._add("ZREM", self._sessions.prefix + ACTIVE_ALL, sid)
 
     async def execute(self) -> list[Any]:
-        async with self._pipe as pipe:
-            return list(await pipe.execute()) if self._n else []
+        if not self._commands:
+            return []
+        redis = self._sessions.redis
+        for attempt in (1, 2):
+            async with redis.pipeline(transaction=True) as pipe:
+                for command in self._commands:
+                    pipe.execute_command(*command)
+                try:
+                    return list(await pipe.execute())
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+            for script in (self._sessions._update, self._sessions._count):
+                await redis.script_load(script.script)
+        raise AssertionError("unreachable")
 
 
 class SessionError(Exception):

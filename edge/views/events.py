@@ -166,7 +166,7 @@ async def events(request: web.Request) -> web.Response:
             metrics.player_errors.labels(
                 e.code or "other", fmt if fmt in FORMATS else "unknown"
             ).inc()
-        await _stage(writes, e, state, now, plays)
+        _stage(writes, e, state, now, plays)
     results = await writes.execute()
     for index in plays:
         if results[index] == 1:
@@ -176,7 +176,7 @@ async def events(request: web.Request) -> web.Response:
     )
 
 
-async def _stage(
+def _stage(
     writes: SessionWrites, e: Event, state: dict[str, str], now: float, plays: list[int]
 ) -> None:
     """The event's writes; `state` (the session as read before the batch) follows them, so a
@@ -185,18 +185,21 @@ async def _stage(
         # Only recent buffering steps quality down: what a clean stretch took off the count
         # stays off (quality.recent_buffer_events).
         last = _float(state.get("buf_at"))
-        count = quality.recent_buffer_events(_int(state.get("buf_n")) or 0, last, now) + 1
+        count = min(
+            quality.recent_buffer_events(_int(state.get("buf_n")) or 0, last, now) + 1,
+            quality.MAX_BUFFER_STEP,
+        )
         state["buf_n"], state["buf_at"] = str(count), f"{now:.3f}"
-        await writes.update(e.sid, {"buf_n": count, "buf_at": f"{now:.3f}"})
+        writes.update(e.sid, {"buf_n": count, "buf_at": f"{now:.3f}"})
     elif e.type == "quality_change" and e.format and e.bitrate_kbps:
         state["format"], state["bitrate"] = e.format, str(e.bitrate_kbps)
-        await writes.update(e.sid, {"format": e.format, "bitrate": e.bitrate_kbps})
+        writes.update(e.sid, {"format": e.format, "bitrate": e.bitrate_kbps})
     elif e.type == "playing":
         track = state.get("track")
         if track and state.get("counted") != track:
             rendition = {"format": state.get("format"), "bitrate_kbps": _int(state.get("bitrate"))}
             row = play_row(state["user"], e.sid, int(track), rendition, now)
-            plays.append(await writes.count_play(e.sid, row))
+            plays.append(writes.count_play(e.sid, row))
             state["counted"] = track
     elif e.type in ("paused", "ended"):
         writes.stop(e.sid, state["user"])

@@ -664,14 +664,18 @@ async def test_a_clean_stretch_steps_quality_back_up_a_rung_at_a_time(
         await redis_client.hset(key, "buf_at", f"{time.time() - seconds_ago:.3f}")
 
     assert await chosen() == ("mp3", "320")
-    events = [{"sid": SID_A, "type": t} for t in ("waiting", "stalled", "waiting")]
-    assert (await post_events(client, events)).status == 202
-    assert await chosen() == ("mp3", "192")  # two rungs down: 320 -> 256 -> 192
+    assert (await post_events(client, [{"sid": SID_A, "type": "waiting"}])).status == 202
+    assert await chosen() == ("aac", "256")  # one rung down: 320 -> 256
     await last_buffering(61)
-    assert await chosen() == ("mp3", "192")  # three events still count two after a minute
-    await last_buffering(121)
+    assert await chosen() == ("mp3", "320")  # a clean minute: back up
+    # Many buffer events: two rungs down at most, and they keep it down no longer than two.
+    events = [{"sid": SID_A, "type": t} for t in ("waiting", "stalled")] * 50
+    assert (await post_events(client, events)).status == 202
+    assert await chosen() == ("mp3", "192")  # 320 -> 256 -> 192
+    await last_buffering(61)
     assert await chosen() == ("aac", "256")  # one rung back up
-    # Buffering again: one rung down from here, not two from the top.
+    # Buffering on the way up steps down from there (256 -> 192), where a count that a clean
+    # minute had reset would have said one rung from the top (256).
     assert (await post_events(client, [{"sid": SID_A, "type": "waiting"}])).status == 202
     assert await chosen() == ("mp3", "192")
     await last_buffering(61)

@@ -790,7 +790,10 @@ async def test_an_origin_that_never_completes_the_connect_is_retried_once_then_5
             play_path(playable, mode="proxy"), headers={**bearer(), "Range": "bytes=0-99"}
         )
         assert resp.content_type == "application/json"
-        assert_json_error(resp.status, await resp.json(), 502, "upstream_connect")
+        body = await resp.json()
+        assert_json_error(resp.status, body, 502, "upstream_connect")
+        # (not refused: no connection within the connect timeout)
+        assert "no connection to 127.0.0.1" in body["error"]["message"], body
         assert all_upstream_errors(client) == {"cdn/connect": 2}
     finally:
         for sock in fillers:

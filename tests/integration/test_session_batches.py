@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
+from hiredis import pack_command
 from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -304,6 +305,29 @@ async def test_a_restarted_redis_closed_the_connection_and_forgot_the_script(
         second = batch.call([], ("two",))
         assert second is not None and await second == f"two{name}".encode()
     finally:
+        await own.aclose()
+
+
+async def test_only_the_calls_redis_refused_for_a_missing_script_go_again(
+    redis_client: aioredis.Redis, servers: Servers
+) -> None:
+    """When the script is loaded in the middle of a batch (by another caller: here a SCRIPT
+    LOAD put between the calls), the calls before it were refused (NOSCRIPT) and those after
+    it ran: only the refused ones are sent again, or a write that adds (a transfer's bytes)
+    would be applied twice."""
+    key = f"edge-test:{uuid.uuid4().hex}"
+    own = aioredis.Redis.from_url(servers.redis_url, protocol=2)
+    try:
+        batch = ScriptBatch(own, f"return redis.call('INCR', KEYS[1]) -- {key}")
+        await redis_client.script_flush()
+        refused = batch.call([key], ())
+        batch._pending.append((pack_command(("SCRIPT", "LOAD", batch.script)), None))
+        ran = batch.call([key], ())
+        assert refused is not None and ran is not None
+        assert (await ran, await refused) == (1, 2)
+        assert await redis_client.get(key) == b"2"
+    finally:
+        await redis_client.delete(key)
         await own.aclose()
 
 

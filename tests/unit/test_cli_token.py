@@ -19,7 +19,11 @@ SECRET = "cli-token-secret-0123456789abcdef"
 
 def edge_token(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """The real command, in a process of its own, with only these settings."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "DB_", "CDN_"))}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("EDGE_", "DB_", "CDN_", "CLOUDFRONT_"))
+    }
     clean.pop("DATABASE_URL", None)
     clean.pop("REDIS_URL", None)
     return subprocess.run(

@@ -406,8 +406,9 @@ BUFFER_STEPS: list[tuple[int, float | None, float, int]] = [
     (2, 939.9, 1000.0, 1),  # a clean minute steps back up a rung
     (2, 880.0, 1000.0, 1),
     (2, 879.9, 1000.0, 0),  # and a second one, the next
-    (7, 879.9, 1000.0, 2),  # (events beyond the cap still count down from the top)
-    (9, 700.0, 1000.0, 2),
+    (7, 879.9, 1000.0, 0),  # (events beyond the cap do not keep it down for longer)
+    (100, 939.9, 1000.0, 1),
+    (9, 700.0, 1000.0, 0),
     (9, 0.0, 1000.0, 0),
     (1, 0.0, math.inf, 0),
     (1, -math.inf, 1000.0, 0),
@@ -771,6 +772,9 @@ def test_quality_comes_back_a_rung_per_clean_window_at_most(
     now = 1_000_000.0
     before = recent_buffer_events(events, now - age, now)
     after = recent_buffer_events(events, now - age, now + later)
-    assert 0 <= after <= before <= events
+    assert 0 <= after <= before <= min(events, MAX_BUFFER_STEP)
     assert before - after <= math.ceil(later / BUFFER_WINDOW_S)
-    assert buffer_step(events, now - age, now) == min(before, MAX_BUFFER_STEP)
+    assert buffer_step(events, now - age, now) == before
+    # Back at the top within MAX_BUFFER_STEP clean windows after the last, however many.
+    last = now - age
+    assert recent_buffer_events(events, last, last + (MAX_BUFFER_STEP + 1) * BUFFER_WINDOW_S) == 0
