@@ -47,7 +47,6 @@ __all__ = [
     "choose",
     "parse_bandwidth",
     "parse_formats",
-    "recent_buffer_events",
     "tier_allows",
 ]
 
@@ -262,11 +261,12 @@ def _within(then: float, now: float, window_s: float) -> bool:
     return -CLOCK_SKEW_S <= now - then <= window_s
 
 
-def recent_buffer_events(buffer_events: int, last_buffer_at: float | None, now: float) -> int:
-    """The buffer events that still count, `MAX_BUFFER_STEP` at most (more would keep quality
-    down for minutes after the buffering stopped): all of them while the last was at most
-    `BUFFER_WINDOW_S` ago, then one fewer for each further clean `BUFFER_WINDOW_S` (quality
-    comes back a rung at a time, as it went down). 0 for a time far in the future or NaN."""
+def buffer_step(buffer_events: int, last_buffer_at: float | None, now: float) -> int:
+    """Rungs to step down: the buffer events that still count, `MAX_BUFFER_STEP` at most (more
+    would keep quality down for minutes after the buffering stopped). All of them while the
+    last was at most `BUFFER_WINDOW_S` ago, then one fewer for each further clean
+    `BUFFER_WINDOW_S` (quality comes back a rung at a time, as it went down). 0 for a time far
+    in the future or NaN."""
     if last_buffer_at is None:
         return 0
     age = now - last_buffer_at
@@ -276,11 +276,6 @@ def recent_buffer_events(buffer_events: int, last_buffer_at: float | None, now: 
     if age > BUFFER_WINDOW_S:
         count -= math.ceil(age / BUFFER_WINDOW_S) - 1
     return max(0, count)
-
-
-def buffer_step(buffer_events: int, last_buffer_at: float | None, now: float) -> int:
-    """Rungs to step down: one per buffer event that still counts."""
-    return recent_buffer_events(buffer_events, last_buffer_at, now)
 
 
 # Choices made, by all of choose's arguments: players repeat theirs (a tier, a track's ladder, a

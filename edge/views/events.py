@@ -183,10 +183,10 @@ def _stage(
     later event of the batch sees what an earlier one did."""
     if e.type in BUFFER_TYPES:
         # Only recent buffering steps quality down: what a clean stretch took off the count
-        # stays off (quality.recent_buffer_events).
+        # stays off (quality.buffer_step).
         last = _float(state.get("buf_at"))
         count = min(
-            quality.recent_buffer_events(_int(state.get("buf_n")) or 0, last, now) + 1,
+            quality.buffer_step(_int(state.get("buf_n")) or 0, last, now) + 1,
             quality.MAX_BUFFER_STEP,
         )
         state["buf_n"], state["buf_at"] = str(count), f"{now:.3f}"

@@ -22,7 +22,6 @@ from edge.quality import (
     choose,
     parse_bandwidth,
     parse_formats,
-    recent_buffer_events,
     tier_allows,
 )
 
@@ -770,11 +769,10 @@ def test_quality_comes_back_a_rung_per_clean_window_at_most(
     """The longer the stretch without buffering, the fewer events count, and each further
     window takes off one at most."""
     now = 1_000_000.0
-    before = recent_buffer_events(events, now - age, now)
-    after = recent_buffer_events(events, now - age, now + later)
+    before = buffer_step(events, now - age, now)
+    after = buffer_step(events, now - age, now + later)
     assert 0 <= after <= before <= min(events, MAX_BUFFER_STEP)
     assert before - after <= math.ceil(later / BUFFER_WINDOW_S)
-    assert buffer_step(events, now - age, now) == before
     # Back at the top within MAX_BUFFER_STEP clean windows after the last, however many.
     last = now - age
-    assert recent_buffer_events(events, last, last + (MAX_BUFFER_STEP + 1) * BUFFER_WINDOW_S) == 0
+    assert buffer_step(events, last, last + (MAX_BUFFER_STEP + 1) * BUFFER_WINDOW_S) == 0
